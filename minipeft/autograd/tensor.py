@@ -1,0 +1,241 @@
+"""The Tensor and the reverse-mode engine.
+
+A ``Tensor`` wraps an array (``data``) and, when it was made by an op on inputs that need
+gradients, remembers those inputs (``_parents``) and a closure (``_backward``) that maps the
+gradient of the output to the gradients of the inputs. ``backward()`` visits the graph once in
+reverse topological order (an explicit stack, so deep graphs cannot hit Python's recursion
+limit), sums gradients where a tensor fans out to several consumers, and stores the result in
+``.grad`` of the leaves. After a node has passed its gradient on, its closure is dropped, which
+frees the activations it saved for backward.
+
+Two rules give PEFT its savings, and both live here:
+
+* an op whose inputs need no gradient records no graph (``_make`` below), and
+* each op's backward computes only the input gradients that are needed (the ops check
+  ``requires_grad`` before each product), so a frozen weight never costs a weight-gradient matmul.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+
+from minipeft import backend as bk
+
+# How many gradient products backward actually executed, by kind. Tests read it to prove that
+# frozen weights cost nothing (``counters["weight_grad_matmul"]``); it is reset by hand.
+counters: Counter = Counter()
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+@contextmanager
+def no_grad():
+    """Inside this block ops build no graph and keep no activations (evaluation, generation)."""
+    global _grad_enabled
+    old, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = old
+
+
+class Tensor:
+    """An array plus what reverse mode needs: ``grad``, ``requires_grad`` and its maker."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "op", "name",
+                 "__weakref__")
+    __array_priority__ = 1000  # `ndarray + Tensor` defers to Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if dtype is None and not bk.is_array(data):
+            probe = bk.asarray(data)
+            dtype = bk.default_dtype() if probe.dtype.kind in "fc" else probe.dtype
+            data = probe
+        self.data = bk.asarray(data, dtype=dtype)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(
+                f"requires_grad=True needs a floating dtype, got {self.data.dtype}: gradients "
+                "are only defined for float tensors (use .astype or dtype=float32)")
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._parents: tuple = ()
+        self._backward = None
+        self.op = "leaf"
+        self.name = name
+
+    # ------------------------------------------------------------------ graph building
+    @staticmethod
+    def _make(data, parents: tuple, backward, op: str) -> Tensor:
+        """Wrap an op's output; record the graph only if some input needs a gradient."""
+        out = Tensor.__new__(Tensor)
+        out.data = data
+        out.grad = None
+        out.op = op
+        out.name = None
+        if _grad_enabled and any(p.requires_grad for p in parents):
+            out.requires_grad = True
+            out._parents = parents
+            out._backward = backward
+        else:
+            out.requires_grad = False
+            out._parents = ()
+            out._backward = None
+        return out
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        ``grad`` is the seed (dL/dself); it may be omitted only for a one-element tensor.
+        The graph is freed as it is walked unless ``retain_graph`` is set.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad: no input of the "
+                "computation had requires_grad=True (or it ran under no_grad())")
+        if self._backward is None and self._parents == () and self.op != "leaf":
+            raise RuntimeError("backward() through a graph that was already freed; "
+                               "pass retain_graph=True to the first backward() to reuse it")
+        xp = bk.xp
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() on a non-scalar tensor of shape {self.shape} needs a seed "
+                    "gradient of the same shape: call .backward(grad) or reduce (e.g. .sum()) first")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else bk.asarray(grad, self.data.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(): seed gradient has shape {grad.shape}, "
+                                 f"expected the tensor's shape {self.shape}")
+
+        grads = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:  # a leaf: accumulate
+                g = xp.ascontiguousarray(g.astype(node.data.dtype, copy=False))
+                node.grad = g if node.grad is None else node.grad + g
+                continue
+            for parent, pg in zip(node._parents, node._backward(g)):
+                if pg is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                grads[key] = pg if key not in grads else grads[key] + pg
+            if not retain_graph:  # free the saved activations as soon as they are used
+                node._backward, node._parents = None, ()
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def numpy(self):
+        """A host NumPy copy of the data."""
+        return bk.to_numpy(self.data)
+
+    def item(self) -> float:
+        return float(bk.to_numpy(self.data).reshape(-1)[0]) if self.size == 1 else _not_scalar(self)
+
+    def detach(self) -> Tensor:
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if flag and self.data.dtype.kind != "f":
+            raise TypeError(f"requires_grad needs a floating dtype, got {self.data.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}, op={self.op})"
+
+    # Operators forward to the ops module (imported at the bottom: it needs Tensor first).
+    def __add__(self, o): return _ops.add(self, o)
+    def __radd__(self, o): return _ops.add(o, self)
+    def __sub__(self, o): return _ops.sub(self, o)
+    def __rsub__(self, o): return _ops.sub(o, self)
+    def __mul__(self, o): return _ops.mul(self, o)
+    def __rmul__(self, o): return _ops.mul(o, self)
+    def __truediv__(self, o): return _ops.div(self, o)
+    def __rtruediv__(self, o): return _ops.div(o, self)
+    def __neg__(self): return _ops.neg(self)
+    def __pow__(self, p): return _ops.pow(self, p)
+    def __matmul__(self, o): return _ops.matmul(self, o)
+    def __rmatmul__(self, o): return _ops.matmul(o, self)
+    def __getitem__(self, idx): return _ops.getitem(self, idx)
+    def sum(self, axis=None, keepdims=False): return _ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return _ops.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return _ops.max(self, axis, keepdims)
+    def exp(self): return _ops.exp(self)
+    def log(self): return _ops.log(self)
+    def sqrt(self): return _ops.sqrt(self)
+    def tanh(self): return _ops.tanh(self)
+    def relu(self): return _ops.relu(self)
+    def reshape(self, *shape): return _ops.reshape(self, shape[0] if len(shape) == 1 else shape)
+    def transpose(self, *axes): return _ops.transpose(self, axes or None)
+    permute = transpose
+
+    @property
+    def T(self): return _ops.transpose(self, None)
+
+
+def _not_scalar(t: Tensor):
+    raise ValueError(f"item() needs a one-element tensor, got shape {t.shape}")
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes that need a gradient, each after all of its parents (iterative post-order DFS)."""
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for p in node._parents:
+            if p.requires_grad and id(p) not in seen:
+                stack.append((p, False))
+    return order
+
+
+def as_tensor(x, like: Tensor | None = None) -> Tensor:
+    """``x`` as a Tensor; Python numbers take ``like``'s dtype (no silent float64 upcast)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (int, float)) and like is not None:
+        return Tensor(bk.xp.asarray(x, dtype=like.dtype))
+    return Tensor(x)
+
+
+from minipeft.autograd import ops as _ops  # noqa: E402  (ops imports Tensor from here)
