@@ -1,0 +1,291 @@
+"""Fused neural-network ops: one node in the graph each, with a hand-derived backward.
+
+Built from primitives, softmax or layer norm would each leave a dozen nodes and a dozen saved
+arrays behind. Written as one op, each saves only what its backward needs, runs a few array
+calls, and is numerically careful (max-subtraction in softmax, log-sum-exp in cross-entropy).
+Every op here has its own finite-difference test in ``tests/test_autograd_ops.py``.
+
+Shapes: B batch, T time (Tq queries, Tk keys), C channels, H heads, D head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minipeft import backend as bk
+from minipeft.autograd.tensor import Tensor, as_tensor, counters
+
+
+def _check_same_backend(op: str, *tensors: Tensor) -> None:
+    kinds = {type(t.data) for t in tensors}
+    if len(kinds) > 1:
+        names = sorted({bk.array_backend(t.data) for t in tensors})
+        raise TypeError(f"{op}: inputs live on different backends ({', '.join(names)}); "
+                        "move them to one with minipeft.backend.asarray")
+
+
+# --------------------------------------------------------------------------- linear
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W^T + b, with W of shape (out, in) as in every major library.
+
+    x is flattened to 2-D so each product is a single BLAS call::
+
+        dx = g @ W            (N, out) @ (out, in)
+        dW = g^T @ x          (out, N) @ (N, in)     -- skipped when W is frozen
+        db = sum_N g
+    """
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    _check_same_backend("linear", *parents)
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but the "
+                         f"weight of shape {weight.shape} expects {n_in}")
+    lead = x.shape[:-1]
+    x2 = x.data.reshape(-1, n_in)                                   # (N, in)
+    y = x2 @ weight.data.T                                          # (N, out)
+    if bias is not None:
+        y += bias.data
+
+    def backward(g):
+        g2 = g.reshape(-1, n_out)                                   # (N, out)
+        dx = (g2 @ weight.data).reshape(*lead, n_in) if x.requires_grad else None
+        dw = db = None
+        if weight.requires_grad:
+            counters["weight_grad_matmul"] += 1
+            dw = g2.T @ x2                                          # (out, in)
+        if bias is not None and bias.requires_grad:
+            db = g2.sum(axis=0)
+        return (dx, dw) if bias is None else (dx, dw, db)
+    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "linear")
+
+
+# --------------------------------------------------------------------------- activations
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh form (GPT-2):  y = x/2 (1 + tanh(u)),  u = c (x + 0.044715 x^3).
+
+    dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)
+    """
+    xp = bk.xp
+    x = as_tensor(x)
+    a = x.data
+    t = xp.tanh(_GELU_C * (a + 0.044715 * a * a * a))
+    y = 0.5 * a * (1.0 + t)
+
+    def backward(g):
+        a2 = a * a
+        dydx = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * (_GELU_C * (1.0 + 0.134145 * a2))
+        return (g * dydx,)
+    return Tensor._make(y, (x,), backward, "gelu")
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """p = exp(x - max) / sum(exp(x - max)).   dx = p * (g - sum(g * p)) along ``axis``."""
+    x = as_tensor(x)
+    p = _softmax(x.data, axis)
+
+    def backward(g):
+        return (p * (g - (g * p).sum(axis=axis, keepdims=True)),)
+    return Tensor._make(p, (x,), backward, "softmax")
+
+
+def _softmax(a, axis):
+    e = bk.xp.exp(a - a.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """y = x - logsumexp(x).   dx = g - softmax(x) * sum(g) along ``axis``."""
+    xp = bk.xp
+    x = as_tensor(x)
+    a = x.data
+    shifted = a - a.max(axis=axis, keepdims=True)
+    lse = xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    y = shifted - lse
+
+    def backward(g):
+        return (g - xp.exp(y) * g.sum(axis=axis, keepdims=True),)
+    return Tensor._make(y, (x,), backward, "log_softmax")
+
+
+# --------------------------------------------------------------------------- loss
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean of -log softmax(logits)[target] over the positions whose target != ignore_index.
+
+    logits (..., V), targets (...) integer. With p = softmax(logits) and n counted positions:
+        dlogits = (p - onehot(target)) / n  on counted rows, 0 on ignored rows.
+    Fusing log-softmax and the pick saves the (N, V) log-probabilities and is stable.
+    """
+    xp = bk.xp
+    t = targets.data if isinstance(targets, Tensor) else bk.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got {t.dtype}")
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(f"cross_entropy: logits of shape {logits.shape} need targets of shape "
+                         f"{logits.shape[:-1]}, got {t.shape}")
+    V = logits.shape[-1]
+    z = logits.data.reshape(-1, V)                                  # (N, V)
+    t = t.reshape(-1)                                               # (N,)
+    valid = t != ignore_index
+    safe_t = xp.where(valid, t, 0)
+    if bool(((safe_t < 0) | (safe_t >= V)).any()):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal "
+                         f"ignore_index={ignore_index}")
+    n = max(int(valid.sum()), 1)
+    rows = xp.arange(z.shape[0])
+    p = _softmax(z, -1)                                             # (N, V)
+    picked = p[rows, safe_t]
+    tiny = xp.finfo(p.dtype).tiny
+    loss = -(xp.log(xp.maximum(picked, tiny)) * valid).sum() / n
+
+    def backward(g):
+        d = p * (g / n)
+        d[rows, safe_t] -= g / n
+        d *= valid[:, None]
+        return (d.reshape(logits.shape),)
+    return Tensor._make(xp.asarray(loss, dtype=logits.dtype), (logits,), backward,
+                        "cross_entropy")
+
+
+# --------------------------------------------------------------------------- layer norm
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+               eps: float = 1e-5) -> Tensor:
+    """y = xhat * w + b,  xhat = (x - mean) / sqrt(var + eps), over the last axis (C).
+
+    With gh = g * w:   dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat))
+                       dw = sum(g * xhat),   db = sum(g)   (summed over all but C)
+    """
+    xp = bk.xp
+    parents = tuple(t for t in (x, weight, bias) if t is not None)
+    _check_same_backend("layer_norm", *parents)
+    C = x.shape[-1]
+    for p_ in (weight, bias):
+        if p_ is not None and p_.shape != (C,):
+            raise ValueError(f"layer_norm: parameter of shape {p_.shape} does not match the "
+                             f"normalised size {C} of input {x.shape}")
+    a = x.data
+    mu = a.mean(axis=-1, keepdims=True)
+    xc = a - mu
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd                                                # (..., C)
+    y = xhat * weight.data if weight is not None else xhat.copy()
+    if bias is not None:
+        y += bias.data
+
+    def backward(g):
+        grads = []
+        gh = g * weight.data if weight is not None else g
+        if x.requires_grad:
+            grads.append(rstd * (gh - gh.mean(axis=-1, keepdims=True)
+                                 - xhat * (gh * xhat).mean(axis=-1, keepdims=True)))
+        else:
+            grads.append(None)
+        g2 = g.reshape(-1, C)
+        if weight is not None:
+            grads.append((g2 * xhat.reshape(-1, C)).sum(axis=0) if weight.requires_grad else None)
+        if bias is not None:
+            grads.append(g2.sum(axis=0) if bias.requires_grad else None)
+        return tuple(grads)
+    return Tensor._make(y, parents, backward, "layer_norm")
+
+
+# --------------------------------------------------------------------------- embedding
+def embedding(weight: Tensor, ids) -> Tensor:
+    """out[...] = W[ids[...]]: a row lookup.  dW[v] = sum of g at every position where ids == v
+    (a scatter-*add*: a token that appears twice gets both gradients)."""
+    ids = ids.data if isinstance(ids, Tensor) else bk.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: token ids must be integers, got {ids.dtype}")
+    V, C = weight.shape
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"embedding: token ids must lie in [0, {V}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    out = weight.data[ids]                                          # (..., C)
+
+    def backward(g):
+        dw = bk.xp.zeros_like(weight.data)
+        bk.scatter_add(dw, ids.reshape(-1), g.reshape(-1, C))
+        return (dw,)
+    return Tensor._make(out, (weight,), backward, "embedding")
+
+
+# --------------------------------------------------------------------------- dropout
+def dropout(x: Tensor, p: float, training: bool, rng=None) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout),
+    so evaluation needs no rescaling.  dx = g * mask / (1-p).  Identity when not training."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    rng = rng if rng is not None else bk.device_rng(None)
+    mask = (rng.random(x.shape, dtype=bk.np.float32) >= p).astype(x.dtype) / (1.0 - p)
+    return Tensor._make(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+
+
+# --------------------------------------------------------------------------- attention
+_causal_cache: dict = {}
+
+
+def causal_bias(Tq: int, Tk: int, dtype):
+    """(Tq, Tk) additive mask: 0 where query i may see key j, -inf elsewhere.
+
+    Queries are the *last* Tq of Tk positions (a KV cache or a key prefix fills the front),
+    so query i sits at absolute position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    key = (Tq, Tk, bk.name, bk.np.dtype(dtype).str)
+    bias = _causal_cache.get(key)
+    if bias is None:
+        xp = bk.xp
+        allowed = xp.arange(Tk)[None, :] <= (xp.arange(Tq)[:, None] + (Tk - Tq))
+        bias = xp.where(allowed, 0.0, -xp.inf).astype(dtype)
+        _causal_cache[key] = bias
+    return bias
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
+              scale: float | None = None) -> Tensor:
+    """Scaled dot-product attention, fused:  out = softmax(q k^T * scale + bias) v.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D); mask, if given, is boolean and broadcasts to
+    (B, H, Tq, Tk) with True = may attend. Only the probabilities P (B, H, Tq, Tk) are saved.
+    With S the scaled scores and g = dL/dout:
+        dV = P^T g,   dP = g V^T,   dS = P * (dP - rowsum(dP * P)),
+        dQ = dS K * scale,   dK = dS^T Q * scale.
+    """
+    xp = bk.xp
+    _check_same_backend("attention", q, k, v)
+    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
+        raise ValueError(f"attention: expected q (B, H, Tq, D) and k, v (B, H, Tk, D), got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    Tq, Tk = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q.data @ k.data.swapaxes(-1, -2)                            # (B, H, Tq, Tk)
+    s *= scale
+    if causal:
+        s += causal_bias(Tq, Tk, s.dtype)
+    if mask is not None:
+        mask = mask.data if isinstance(mask, Tensor) else bk.asarray(mask)
+        s = xp.where(mask, s, -xp.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    p = xp.exp(s, out=s)
+    p /= p.sum(axis=-1, keepdims=True)                              # P, in place of S
+    out = p @ v.data                                                # (B, H, Tq, D)
+
+    def backward(g):
+        dq = dk = dv = None
+        if v.requires_grad:
+            dv = p.swapaxes(-1, -2) @ g                             # (B, H, Tk, D)
+        if q.requires_grad or k.requires_grad:
+            ds = g @ v.data.swapaxes(-1, -2)                        # dP (B, H, Tq, Tk)
+            ds -= (ds * p).sum(axis=-1, keepdims=True)
+            ds *= p                                                 # dS
+            ds *= scale
+            if q.requires_grad:
+                dq = ds @ k.data                                    # (B, H, Tq, D)
+            if k.requires_grad:
+                dk = ds.swapaxes(-1, -2) @ q.data                   # (B, H, Tk, D)
+        return dq, dk, dv
+    return Tensor._make(out, (q, k, v), backward, "attention")
