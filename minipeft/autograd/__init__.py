@@ -19,6 +19,7 @@ from minipeft.autograd.functional import (
 from minipeft.autograd.gradcheck import GradcheckError, GradcheckResult, gradcheck
 from minipeft.autograd.ops import (
     add,
+    broadcast_to,
     concatenate,
     div,
     exp,
@@ -50,7 +51,7 @@ __all__ = [
     "gradcheck", "GradcheckError", "GradcheckResult", "unbroadcast",
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "exp", "log", "sqrt", "tanh", "relu",
     "where", "masked_fill", "sum", "mean", "max", "reshape", "transpose", "swapaxes", "getitem",
-    "concatenate", "stack",
+    "concatenate", "stack", "broadcast_to",
     "linear", "gelu", "softmax", "log_softmax", "cross_entropy", "layer_norm", "embedding",
     "dropout", "attention",
 ]

@@ -366,3 +366,14 @@ def stack(tensors, axis: int = 0) -> Tensor:
     ax = axis % (tensors[0].ndim + 1)
     new_shape = tensors[0].shape[:ax] + (1,) + tensors[0].shape[ax:]
     return concatenate([reshape(t, new_shape) for t in tensors], axis=ax)
+
+
+def broadcast_to(a, shape) -> Tensor:
+    """Repeat ``a`` along size-1 or missing leading axes to ``shape``.  d/da = unbroadcast(g)."""
+    a = as_tensor(a)
+    shape = tuple(shape)
+    try:
+        out = bk.xp.broadcast_to(a.data, shape)
+    except ValueError:
+        raise ValueError(f"broadcast_to: cannot broadcast shape {a.shape} to {shape}") from None
+    return Tensor._make(out, (a,), lambda g: (unbroadcast(g, a.shape),), "broadcast_to")

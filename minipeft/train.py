@@ -1,0 +1,153 @@
+"""The one training loop, shared by the lessons, the CLI and the experiment runner.
+
+It knows nothing about GPT or PEFT: it needs a model with ``loss(x, y)`` and
+``trainable_parameters()``, and a function that returns the next batch ``(x, y)``. Each step:
+
+    loss = model.loss(x, y);  loss.backward();  clip;  lr = schedule(step);  optimizer.step()
+
+A step whose loss or gradient is not finite is *not* applied: training stops with an error that
+names the step, and the weights are left as they were after the last good step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from minipeft import backend as bk
+from minipeft.autograd import no_grad
+from minipeft.optim import SGD, AdamW, clip_grad_norm, cosine_schedule
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or a gradient became NaN/inf; the update of that step was not applied."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500              # optimizer steps
+    batch_size: int = 64          # sequences per step
+    lr: float = 3e-3              # peak learning rate
+    weight_decay: float = 0.0     # AdamW's decoupled decay (trainable parameters only)
+    warmup: int = 20              # linear warmup steps, then cosine decay
+    min_lr_ratio: float = 0.1     # final lr = min_lr_ratio * lr
+    grad_clip: float = 1.0        # global gradient-norm limit (0 = off)
+    optimizer: str = "adamw"      # "adamw" or "sgd"
+    eval_every: int = 0           # call evaluate() every n steps (0 = only at the end)
+    log_path: str | None = None   # JSONL file with one record per logged step
+    log_every: int = 10           # steps between JSONL records
+    progress: bool = True         # tqdm progress bar
+    desc: str = "train"           # progress-bar label
+    checkpoint_every: int = 0     # call checkpoint(step) every n steps (0 = never)
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size <= 0:
+            raise ValueError(f"TrainConfig: steps must be >= 0 and batch_size > 0, got "
+                             f"steps={self.steps}, batch_size={self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', "
+                             f"got {self.optimizer!r}")
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)      # training loss per step
+    evals: list = field(default_factory=list)       # {"step": s, **evaluate(model)}
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = model.trainable_parameters()
+    if cfg.optimizer == "sgd":
+        return SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(model, next_batch: Callable[[int], tuple], cfg: TrainConfig,
+          evaluate: Callable | None = None, optimizer=None,
+          checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` steps on batches from ``next_batch(batch_size)``.
+
+    ``evaluate(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end;
+    ``checkpoint(step)`` (e.g. a save) runs every ``cfg.checkpoint_every`` steps.
+    """
+    opt = optimizer or make_optimizer(model, cfg)
+    params = opt.params
+    result = TrainResult()
+    log = open(cfg.log_path, "a") if cfg.log_path else None  # noqa: SIM115
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=cfg.desc, disable=not cfg.progress, leave=False)
+    try:
+        for step in bar:
+            x, y = next_batch(cfg.batch_size)
+            x, y = bk.asarray(x), bk.asarray(y)
+            opt.zero_grad()
+            loss = model.loss(x, y)
+            loss_value = loss.item()
+            loss.backward()
+            norm = clip_grad_norm(params, cfg.grad_clip)
+            if not (bk.np.isfinite(loss_value) and bk.np.isfinite(norm)):
+                opt.zero_grad()
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: loss={loss_value}, gradient norm={norm}; "
+                    "that step's update was not applied (try a lower lr)")
+            opt.lr = cosine_schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+            opt.step()
+            result.losses.append(loss_value)
+            result.tokens += int(x.size)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            if log and step % cfg.log_every == 0:
+                log.write(json.dumps({"step": step, "loss": loss_value, "lr": opt.lr,
+                                      "grad_norm": norm}) + "\n")
+            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
+                    and step + 1 < cfg.steps:
+                result.evals.append({"step": step + 1, **evaluate(model)})
+                model.train()
+            if checkpoint and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                checkpoint(step + 1)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    result.seconds = time.perf_counter() - start
+    if evaluate:
+        result.evals.append({"step": cfg.steps, **evaluate(model)})
+    model.eval()
+    return result
+
+
+def evaluate_lm(model, x, y, batch_size: int = 256, ignore_index: int = -100) -> dict:
+    """Loss and exact match on a fixed set: a row counts as correct when the argmax prediction
+    (teacher forcing) equals every non-ignored target, i.e. when greedy decoding is right."""
+    from minipeft.autograd import functional as F
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    with no_grad():
+        for i in range(0, len(x), batch_size):
+            xb, yb = bk.asarray(x[i:i + batch_size]), bk.asarray(y[i:i + batch_size])
+            logits = model(xb)
+            counted = yb != ignore_index
+            n = int(counted.sum())
+            total_loss += F.cross_entropy(logits, yb, ignore_index).item() * n
+            total_tokens += n
+            pred = logits.data.argmax(axis=-1)
+            row_ok = ((pred == yb) | ~counted).all(axis=1)
+            correct += int(row_ok.sum())
+    if was_training:
+        model.train()
+    return {"loss": total_loss / max(total_tokens, 1), "exact_match": correct / max(len(x), 1)}
