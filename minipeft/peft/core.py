@@ -1,0 +1,295 @@
+"""The shared PEFT machinery: apply a method to a frozen model, report, save, load, switch.
+
+    peft_model = get_peft_model(model, LoraConfig(r=8))   # freeze, then do the method's surgery
+    peft_model.print_trainable_parameters()
+    train(peft_model, ...)                               # only the method's tensors train
+    peft_model.save_adapter("adapters/task_b")           # safetensors + adapter_config.json
+    with peft_model.disable_adapter(): ...               # the base model, untouched
+
+Every method is a config class with ``apply(model, name, seed)``. Methods that *add* modules
+(LoRA, adapters, IA3, prompts, prefixes) put them in ``PeftLayer``s: modules that hold one set of
+tensors per adapter name and an ``active`` name (None = behave like the base). Methods that
+*select* base weights (selective fine-tuning, full fine-tuning) flip ``requires_grad`` and masks.
+Either way, ``requires_grad`` is the single flag the optimizer and the saver read.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from minipeft import backend as bk
+from minipeft.io import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from minipeft.nn.module import Module
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class PeftConfig:
+    """Base of every method's config (each a frozen dataclass)."""
+
+    method: str = "base"
+    mergeable: bool = False  # can the update be folded into the base weights?
+
+    def apply(self, model, name: str, seed: int) -> list[str]:
+        """Change ``model`` (already frozen) for adapter ``name``; return what was touched."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"{cls.__name__}: unknown fields {unknown} in adapter config")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class PeftLayer(Module):
+    """A module that holds per-adapter tensors. Subclasses keep them in ``self.adapters``
+    (a Module whose attributes are adapter names) and read ``self.active`` in forward."""
+
+    def __init__(self):
+        self.adapters = Module()
+        self.active: str | None = None
+
+    def adapter_names(self) -> list[str]:
+        return [k for k, v in vars(self.adapters).items() if isinstance(v, Module)]
+
+    def adapter_tensors(self, name: str) -> dict:
+        """Local name -> Parameter for adapter ``name`` (what gets saved)."""
+        return dict(getattr(self.adapters, name).named_parameters())
+
+    def delete(self, name: str) -> None:
+        delattr(self.adapters, name)
+        if self.active == name:
+            self.active = None
+
+
+def peft_layers(model: Module):
+    """(path, layer) for every PeftLayer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLayer)]
+
+
+class PeftModel(Module):
+    """A frozen base model plus one or more named adapters of one method."""
+
+    def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0):
+        if not isinstance(config, PeftConfig):
+            raise TypeError(f"get_peft_model needs a PEFT config (LoraConfig, SelectiveConfig, "
+                            f"...), got {type(config).__name__}")
+        self.base_model = model
+        self.peft_configs: dict[str, PeftConfig] = {}
+        self.active_adapter: str | None = None
+        self._originals: dict = {}
+        model.requires_grad_(False)
+        for p in model.parameters():
+            p.mask = None
+        self.add_adapter(adapter_name, config, seed)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def method(self) -> str:
+        return next(iter(self.peft_configs.values())).method
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, config: PeftConfig, seed: int = 0) -> None:
+        """Add a new adapter of this model's method and make it the active one."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter name must be an identifier, got {name!r}")
+        if name in self.peft_configs:
+            raise ValueError(f"an adapter named {name!r} already exists")
+        if self.peft_configs and config.method != self.method:
+            raise ValueError(f"this model holds {self.method} adapters; cannot add a "
+                             f"{config.method} adapter (apply it to a fresh base instead)")
+        if config.method == "selective" and self.peft_configs:
+            raise ValueError("selective fine-tuning edits the base weights: one adapter only")
+        touched = config.apply(self.base_model, name, seed)
+        if config.method == "selective":  # keep a host copy to undo (disable) the edit
+            params = dict(self.base_model.named_parameters())
+            self._originals = {k: bk.to_numpy(params[k].data).copy() for k in touched}
+        self.peft_configs[name] = config
+        self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (None: run the base model)."""
+        if name is not None and name not in self.peft_configs:
+            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
+        for _, layer in peft_layers(self.base_model):
+            layer.active = name if name in layer.adapter_names() else None
+        self.active_adapter = name
+        for n, cfg in self.peft_configs.items():  # only the active adapter trains
+            for t in self._tensors(n).values():
+                t.requires_grad = n == name and cfg.method != "selective"
+        if self.method == "selective":
+            for k in self._originals:
+                dict(self.base_model.named_parameters())[k].requires_grad = name is not None
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_configs:
+            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
+        if self.method == "selective":
+            raise ValueError("selective fine-tuning edits the base weights; it cannot be deleted")
+        for _, layer in peft_layers(self.base_model):
+            if name in layer.adapter_names():
+                layer.delete(name)
+        del self.peft_configs[name]
+        if self.active_adapter == name:
+            self.set_adapter(next(iter(self.peft_configs), None))
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the untouched base model inside the block; the adapter comes back after."""
+        active = self.active_adapter
+        swapped = {}
+        if self.method == "selective":
+            params = dict(self.base_model.named_parameters())
+            for k, orig in self._originals.items():
+                swapped[k] = params[k].data
+                params[k].data = bk.asarray(orig)
+        if any(getattr(m, "merged", False) for _, m in peft_layers(self.base_model)):
+            raise RuntimeError("disable_adapter() on a merged model: call unmerge() first")
+        self.set_adapter(None)
+        try:
+            yield self
+        finally:
+            params = dict(self.base_model.named_parameters())
+            for k, data in swapped.items():
+                params[k].data = data
+            self.set_adapter(active)
+
+    def _tensors(self, name: str) -> dict:
+        """Full name -> Parameter of adapter ``name``'s tensors."""
+        out = {}
+        for path, layer in peft_layers(self.base_model):
+            if name in layer.adapter_names():
+                for local, p in layer.adapter_tensors(name).items():
+                    out[f"{path}.{local}"] = p
+        return out
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, ids, **kwargs):
+        return self.base_model(ids, **kwargs)
+
+    def loss(self, ids, targets, ignore_index: int = -100, **kwargs):
+        from minipeft.autograd import functional as F
+        return F.cross_entropy(self(ids, **kwargs), targets, ignore_index)
+
+    # ---------------------------------------------------------------- reports
+    def trainable_report(self) -> dict:
+        trainable = self.num_parameters(trainable_only=True)
+        total = self.num_parameters()
+        return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+
+    def print_trainable_parameters(self) -> dict:
+        r = self.trainable_report()
+        print(f"trainable params: {r['trainable']:,} || all params: {r['total']:,} || "
+              f"trainable%: {r['percent']:.4f}")
+        return r
+
+    # ---------------------------------------------------------------- save / load
+    def adapter_state(self, name: str | None = None) -> dict:
+        """What ``save_adapter`` writes: name -> array, only the method's tensors."""
+        name = name or self.active_adapter
+        if self.method == "selective":
+            return self.peft_configs[name].adapter_state(self.base_model)
+        return {k: p.data for k, p in self._tensors(name).items()}
+
+    def save_adapter(self, folder, name: str | None = None) -> int:
+        """Write the adapter's tensors and config to ``folder``; returns the bytes written."""
+        name = name or self.active_adapter
+        if name is None:
+            raise ValueError("save_adapter: no active adapter; name one")
+        cfg = self.peft_configs[name]
+        meta = {"method": cfg.method, "config": cfg.to_dict(),
+                "base_config": self.config.to_dict()}
+        folder = Path(folder)
+        size = save_tensors(folder / ADAPTER_WEIGHTS, self.adapter_state(name), meta)
+        save_json(folder / ADAPTER_CONFIG, meta)
+        return size + (folder / ADAPTER_CONFIG).stat().st_size
+
+    def load_adapter(self, folder, name: str = "default", seed: int = 0) -> None:
+        """Add the adapter saved in ``folder`` under ``name`` and activate it. Everything is
+        checked before the model changes: method, base config, tensor names and shapes."""
+        folder = Path(folder)
+        meta = load_json(folder / ADAPTER_CONFIG)
+        tensors, file_meta = load_tensors(folder / ADAPTER_WEIGHTS)
+        if file_meta != meta:
+            raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
+        if meta.get("base_config") != self.config.to_dict():
+            diff = {k: (v, meta.get("base_config", {}).get(k))
+                    for k, v in self.config.to_dict().items()
+                    if meta.get("base_config", {}).get(k) != v}
+            raise CheckpointError(f"{folder}: adapter was trained on another base model; "
+                                  f"differences (this base, adapter's base): {diff}")
+        if meta.get("method") != self.method:
+            raise CheckpointError(f"{folder}: holds a {meta.get('method')!r} adapter but this "
+                                  f"model uses {self.method!r}")
+        cfg = type(next(iter(self.peft_configs.values()))).from_dict(meta["config"])
+        if self.method == "selective":
+            cfg.load_state(self.base_model, tensors)  # validates, then writes base weights
+            return
+        if name in self.peft_configs:
+            raise ValueError(f"an adapter named {name!r} already exists; delete it first")
+        self.add_adapter(name, cfg, seed)
+        try:
+            own = self._tensors(name)
+            problems = []
+            if set(own) != set(tensors):
+                problems.append(f"missing {sorted(set(own) - set(tensors))}, "
+                                f"unexpected {sorted(set(tensors) - set(own))}")
+            problems += [f"{k}: expected {own[k].shape}, file {tuple(v.shape)}"
+                         for k, v in tensors.items() if k in own and tuple(v.shape) != own[k].shape]
+            if problems:
+                raise CheckpointError(f"{folder}: tensors do not fit: {'; '.join(problems)}")
+            for k, p in own.items():
+                p.data = bk.asarray(tensors[k], dtype=p.dtype).copy()
+        except Exception:
+            self.delete_adapter(name)
+            raise
+
+    # ---------------------------------------------------------------- merge
+    def merge(self) -> None:
+        """Fold the active adapter into the base weights (LoRA, IA3). Idempotent."""
+        self._mergeable_layers("merge")
+        for _, layer in peft_layers(self.base_model):
+            if layer.active is not None:
+                layer.merge()
+
+    def unmerge(self) -> None:
+        """Undo ``merge``. Idempotent."""
+        self._mergeable_layers("unmerge")
+        for _, layer in peft_layers(self.base_model):
+            if getattr(layer, "merged", False):
+                layer.unmerge()
+
+    def _mergeable_layers(self, what: str) -> None:
+        cfg = self.peft_configs.get(self.active_adapter) if self.active_adapter else None
+        if cfg is None or not cfg.mergeable:
+            raise ValueError(f"{what}(): the {self.method} method cannot be merged into the base "
+                             "weights (only LoRA and IA3 can)")
+
+    def __repr__(self) -> str:
+        r = self.trainable_report()
+        return (f"PeftModel(method={self.method}, adapters={sorted(self.peft_configs)}, "
+                f"active={self.active_adapter}, trainable={r['trainable']:,}/{r['total']:,})")
+
+
+def get_peft_model(model, config: PeftConfig, adapter_name: str = "default",
+                   seed: int = 0) -> PeftModel:
+    """Freeze ``model`` and apply ``config``'s method to it (in place); returns the wrapper."""
+    return PeftModel(model, config, adapter_name, seed)
+
+
+def read_adapter_config(folder) -> dict:
+    """The JSON config of a saved adapter (method, config, base config)."""
+    return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
