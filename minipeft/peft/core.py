@@ -55,9 +55,16 @@ class PeftLayer(Module):
     """A module that holds per-adapter tensors. Subclasses keep them in ``self.adapters``
     (a Module whose attributes are adapter names) and read ``self.active`` in forward."""
 
+    supports_mixed_batch = False  # can one batch use a different adapter per row?
+
     def __init__(self):
         self.adapters = Module()
         self.active: str | None = None
+        self.row_adapters: list | None = None  # per-row adapter names (mixed-batch inference)
+
+    def prepare_inputs(self, ids, kwargs: dict) -> dict:
+        """Add model inputs before the forward pass (soft prompts, prefixes); default: none."""
+        return kwargs
 
     def adapter_names(self) -> list[str]:
         return [k for k, v in vars(self.adapters).items() if isinstance(v, Module)]
@@ -177,8 +184,36 @@ class PeftModel(Module):
         return out
 
     # ---------------------------------------------------------------- forward
-    def forward(self, ids, **kwargs):
-        return self.base_model(ids, **kwargs)
+    def forward(self, ids, adapter_names=None, **kwargs):
+        """Run the adapted model. ``adapter_names`` (one per row, None = base) runs a mixed
+        batch in which each row uses its own adapter, for methods that support it (LoRA)."""
+        layers = peft_layers(self.base_model)
+        for _, layer in layers:
+            if layer.active is not None:
+                kwargs = layer.prepare_inputs(ids, kwargs)
+        if adapter_names is None:
+            return self.base_model(ids, **kwargs)
+        self._check_row_adapters(ids, adapter_names, layers)
+        try:
+            for _, layer in layers:
+                layer.row_adapters = list(adapter_names)
+            return self.base_model(ids, **kwargs)
+        finally:
+            for _, layer in layers:
+                layer.row_adapters = None
+
+    def _check_row_adapters(self, ids, names, layers) -> None:
+        if not all(layer.supports_mixed_batch for _, layer in layers):
+            raise ValueError(f"mixed-batch inference (adapter_names=...) is not supported by "
+                             f"the {self.method} method")
+        if len(names) != len(ids):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {len(ids)}")
+        unknown = sorted({n for n in names if n is not None} - set(self.peft_configs))
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; "
+                             f"have {sorted(self.peft_configs)}")
+        if any(getattr(layer, "merged", False) for _, layer in layers):
+            raise RuntimeError("mixed-batch inference on a merged model: call unmerge() first")
 
     def loss(self, ids, targets, ignore_index: int = -100, **kwargs):
         from minipeft.autograd import functional as F
