@@ -147,9 +147,7 @@ def scatter_add(target, indices, values) -> None:
     embedding backward needs the sum, so each library's unbuffered add is used.
     """
     if name == "cupy" and array_backend(target) == "cupy":
-        import cupyx  # noqa: PLC0415
-
-        cupyx.scatter_add(target, indices, values)
+        xp.add.at(target, indices, values)  # CuPy's ufunc.at (cupyx.scatter_add is deprecated)
     else:
         numpy.add.at(target, indices, values)
 

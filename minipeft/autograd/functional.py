@@ -43,15 +43,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, n_in)                                   # (N, in)
     y = x2 @ weight.data.T                                          # (N, out)
+    flops = 2 * x2.shape[0] * n_in * n_out                          # one product's FLOPs
+    counters["matmul_flops"] += flops
     if bias is not None:
         y += bias.data
 
     def backward(g):
         g2 = g.reshape(-1, n_out)                                   # (N, out)
-        dx = (g2 @ weight.data).reshape(*lead, n_in) if x.requires_grad else None
-        dw = db = None
+        dx = dw = db = None
+        if x.requires_grad:
+            counters["matmul_flops"] += flops
+            dx = (g2 @ weight.data).reshape(*lead, n_in)
         if weight.requires_grad:
             counters["weight_grad_matmul"] += 1
+            counters["matmul_flops"] += flops
             dw = g2.T @ x2                                          # (out, in)
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
@@ -136,10 +141,13 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
                          f"ignore_index={ignore_index}")
     n = max(int(valid.sum()), 1)
     rows = xp.arange(z.shape[0])
-    p = _softmax(z, -1)                                             # (N, V)
-    picked = p[rows, safe_t]
-    tiny = xp.finfo(p.dtype).tiny
-    loss = -(xp.log(xp.maximum(picked, tiny)) * valid).sum() / n
+    zs = z - z.max(axis=-1, keepdims=True)                          # (N, V) shifted logits
+    picked = zs[rows, safe_t]                                       # (N,)
+    p = xp.exp(zs, out=zs)                                          # (N, V), in place
+    se = p.sum(axis=-1)                                             # (N,)
+    p /= se[:, None]                                                # softmax
+    logp = picked - xp.log(se)                                      # log p[target], no underflow
+    loss = -(logp * valid).sum() / n
 
     def backward(g):
         d = p * (g / n)
@@ -263,6 +271,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     Tq, Tk = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q.data @ k.data.swapaxes(-1, -2)                            # (B, H, Tq, Tk)
+    flops = 2 * s.size * q.shape[-1]                                # one product's FLOPs
+    counters["matmul_flops"] += 2 * flops                           # q k^T and P v
     s *= scale
     if causal:
         s += causal_bias(Tq, Tk, s.dtype)
@@ -276,6 +286,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
 
     def backward(g):
         dq = dk = dv = None
+        products = (v.requires_grad + (q.requires_grad or k.requires_grad)  # dV, dP
+                    + q.requires_grad + k.requires_grad)                     # dQ, dK
+        counters["matmul_flops"] += flops * products
         if v.requires_grad:
             dv = p.swapaxes(-1, -2) @ g                             # (B, H, Tk, D)
         if q.requires_grad or k.requires_grad:

@@ -72,7 +72,7 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1
     out.backward(R)
 
     worst = GradcheckResult(True, 0.0, 0.0, -1, (), 0.0, 0.0, 0)
-    worst_score = -1.0
+    worst_score = float("-inf")
     for i in checked_inputs:
         t = inputs[i]
         analytic = bk.to_numpy(t.grad) if t.grad is not None else bk.np.zeros(t.shape)

@@ -22,8 +22,10 @@ from contextlib import contextmanager
 
 from minipeft import backend as bk
 
-# How many gradient products backward actually executed, by kind. Tests read it to prove that
-# frozen weights cost nothing (``counters["weight_grad_matmul"]``); it is reset by hand.
+# What the matmul-heavy ops actually executed: ``weight_grad_matmul`` counts weight-gradient
+# products (tests use it to prove a frozen weight costs nothing), ``matmul_grad`` the primitive
+# matmul's input-gradient products, ``matmul_flops`` the FLOPs of every product run in linear
+# and attention, forward and backward (the bench's FLOP/s). Reset by hand: counters.clear().
 counters: Counter = Counter()
 
 _grad_enabled = True
@@ -75,7 +77,8 @@ class Tensor:
     def _make(data, parents: tuple, backward, op: str) -> Tensor:
         """Wrap an op's output; record the graph only if some input needs a gradient."""
         out = Tensor.__new__(Tensor)
-        out.data = data
+        # NumPy turns 0-d results into scalars (np.float64): keep every Tensor's data an array
+        out.data = data if bk.is_array(data) else bk.xp.asarray(data)
         out.grad = None
         out.op = op
         out.name = None
@@ -121,8 +124,14 @@ class Tensor:
             if g is None:
                 continue
             if node._backward is None:  # a leaf: accumulate
-                g = xp.ascontiguousarray(g.astype(node.data.dtype, copy=False))
-                node.grad = g if node.grad is None else node.grad + g
+                if node.op != "leaf":  # an op's output whose graph an earlier backward freed
+                    raise RuntimeError(
+                        f"backward() reached the output of '{node.op}' (shape {node.shape}) "
+                        "whose graph was already freed by an earlier backward(); pass "
+                        "retain_graph=True to the first backward() to reuse it")
+                g = g.astype(node.data.dtype, copy=False)
+                # a fresh array: g may be the caller's seed or shared with another leaf
+                node.grad = xp.array(g, order="C") if node.grad is None else node.grad + g
                 continue
             for parent, pg in zip(node._parents, node._backward(g)):
                 if pg is None or not parent.requires_grad:
@@ -167,6 +176,8 @@ class Tensor:
         if flag and self.data.dtype.kind != "f":
             raise TypeError(f"requires_grad needs a floating dtype, got {self.data.dtype}")
         self.requires_grad = bool(flag)
+        if flag and self._backward is None:
+            self.op = "leaf"  # e.g. made under no_grad(), now a parameter of its own
         return self
 
     def zero_grad(self) -> None:

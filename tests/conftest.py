@@ -1,0 +1,60 @@
+"""Shared test set-up: one suite for every array backend, float64 when gradients are checked.
+
+* ``backend``: every test that takes it runs once per backend this machine has (NumPy always,
+  CuPy when a GPU is visible), with ``minipeft.backend`` switched for the test's duration. Tests
+  build their arrays through ``bk.asarray`` / ``Tensor(...)``, so on a GPU machine the very same
+  assertions prove the CuPy path.
+* ``float64``: sets the default dtype to float64 for one test (finite differences need it) and
+  puts the old default back afterwards.
+* Hypothesis profiles: ``ci`` (the default: few examples, no deadline, so the suite stays fast on
+  2 cores) and ``thorough`` (many more examples); pick one with ``HYPOTHESIS_PROFILE=thorough``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from minipeft import backend as bk
+
+# Function-scoped fixtures (backend, float64) set global state that every example of a
+# hypothesis test shares on purpose, so that health check is switched off.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=20, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = bk.available()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The name of the active backend; the test body runs with it switched on."""
+    with bk.using(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def float64():
+    """Default dtype float64 inside the test (for tensors built from lists and scalars)."""
+    old = bk.default_dtype()
+    bk.set_default_dtype(np.float64)
+    try:
+        yield np.float64
+    finally:
+        bk.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_state():
+    """Whatever a test does, the next one starts with the same backend and default dtype."""
+    name, dtype = bk.name, bk.default_dtype()
+    yield
+    if bk.name != name:
+        bk.use(name)
+    if bk.default_dtype() is not dtype:
+        bk.set_default_dtype(dtype)
