@@ -1,0 +1,108 @@
+"""The pretrained base model every lesson adapts: trained here, once, and cached.
+
+PEFT needs a model that already knows something. Ours learns "task A", a mixture of synthetic
+skills (copy, reverse, a substitution cipher, ...) from ``minipeft.data.tasks``, in a few
+minutes on a laptop CPU. It is then cached under ``~/.cache/minipeft`` (or ``$MINIPEFT_CACHE``),
+keyed by its recipe and seed, so the next lesson loads it in milliseconds.
+
+    model, info = load_base()              # the default base (pretrains on first use)
+    model, info = load_base("quick")       # a tiny one for smoke tests, ready in seconds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minipeft.data import VOCAB, TaskMixture
+from minipeft.io import CheckpointError, load_json, load_model, save_json, save_model
+from minipeft.nn import GPT, GPTConfig
+from minipeft.train import TrainConfig, evaluate_lm, train
+
+RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    tasks: tuple            # task A: the skills the base model learns
+    n_layer: int
+    n_head: int
+    n_embd: int
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+    eval_examples: int = 500  # held-out examples per task for the reported exact match
+    spare_context: int = 32   # room beyond the task length for soft prompts and prefixes
+
+    def gpt_config(self) -> GPTConfig:
+        mix = TaskMixture(list(self.tasks), seed=0)
+        return GPTConfig(vocab_size=len(VOCAB), block_size=mix.block_size + self.spare_context,
+                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+
+
+RECIPES = {
+    "default": BaseRecipe(tasks=("copy", "reverse", "cipher", "count"), n_layer=2, n_head=4,
+                          n_embd=128, steps=1200),
+    "quick": BaseRecipe(tasks=("copy", "reverse"), n_layer=1, n_head=2, n_embd=32, steps=250,
+                        lr=1e-2, warmup=20, eval_examples=200),
+}
+
+
+def cache_dir() -> Path:
+    """Where base models live: ``$MINIPEFT_CACHE`` or ``~/.cache/minipeft``."""
+    return Path(os.environ.get("MINIPEFT_CACHE", Path.home() / ".cache" / "minipeft"))
+
+
+def recipe_key(kind: str, recipe: BaseRecipe, seed: int) -> str:
+    blob = json.dumps({"recipe": asdict(recipe), "seed": seed, "v": RECIPE_VERSION},
+                      sort_keys=True)
+    return f"base-{kind}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def pretrain(recipe: BaseRecipe, seed: int = 0, progress: bool = True) -> tuple[GPT, dict]:
+    """Train a base model from scratch on the recipe's task mixture; returns (model, info)."""
+    mix = TaskMixture(list(recipe.tasks), seed=seed)
+    model = GPT(recipe.gpt_config(), seed=seed)
+    cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                      warmup=recipe.warmup, progress=progress, desc="pretraining base")
+    result = train(model, mix.sample, cfg)
+    scores = {t: evaluate_lm(model, *mix.eval_set(t, recipe.eval_examples))
+              for t in recipe.tasks}
+    info = {"tasks": list(recipe.tasks), "seed": seed, "seconds": round(result.seconds, 1),
+            "final_loss": result.final_loss, "steps": recipe.steps,
+            "exact_match": {t: s["exact_match"] for t, s in scores.items()},
+            "eval_loss": {t: s["loss"] for t, s in scores.items()},
+            "num_parameters": model.num_parameters(), "recipe": asdict(recipe)}
+    return model, info
+
+
+def load_base(kind: str = "default", seed: int = 0, progress: bool = True,
+              retrain: bool = False) -> tuple[GPT, dict]:
+    """The cached base model ``kind`` ("default" or "quick"), pretraining it on first use."""
+    if kind not in RECIPES:
+        raise ValueError(f"load_base: unknown base {kind!r}; choose from {sorted(RECIPES)}")
+    recipe = RECIPES[kind]
+    folder = cache_dir() / recipe_key(kind, recipe, seed)
+    info_path = folder / "info.json"
+    if info_path.exists() and not retrain:
+        try:
+            return load_model(folder, seed=seed), load_json(info_path)
+        except (CheckpointError, ValueError) as exc:
+            print(f"minipeft: cached base in {folder} is unreadable ({exc}); retraining",
+                  file=sys.stderr)
+    print(f"minipeft: pretraining the {kind!r} base model on {', '.join(recipe.tasks)} "
+          f"({recipe.steps} steps; first use only, cached in {folder})", file=sys.stderr)
+    start = time.perf_counter()
+    model, info = pretrain(recipe, seed, progress)
+    save_model(model, folder)
+    save_json(info_path, info)  # written last: its presence marks a complete cache entry
+    ems = ", ".join(f"{t} {v:.1%}" for t, v in info["exact_match"].items())
+    print(f"minipeft: base ready in {time.perf_counter() - start:.0f} s; held-out exact match: "
+          f"{ems}", file=sys.stderr)
+    return model, info
