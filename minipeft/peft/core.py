@@ -15,7 +15,6 @@ Either way, ``requires_grad`` is the single flag the optimizer and the saver rea
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -28,11 +27,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+CONFIG_CLASSES: dict = {}  # method name -> config class, filled in as each method file loads
+
+
 class PeftConfig:
     """Base of every method's config (each a frozen dataclass)."""
 
     method: str = "base"
     mergeable: bool = False  # can the update be folded into the base weights?
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CONFIG_CLASSES[cls.method] = cls
 
     def apply(self, model, name: str, seed: int) -> list[str]:
         """Change ``model`` (already frozen) for adapter ``name``; return what was touched."""
@@ -95,10 +101,16 @@ class PeftModel(Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._originals: dict = {}
+        before = [(p, p.requires_grad, p.mask) for p in model.parameters()]
         model.requires_grad_(False)
         for p in model.parameters():
             p.mask = None
-        self.add_adapter(adapter_name, config, seed)
+        try:
+            self.add_adapter(adapter_name, config, seed)
+        except Exception:  # a config that does not fit leaves the model as it was
+            for p, flag, mask in before:
+                p.requires_grad, p.mask = flag, mask
+            raise
 
     @property
     def config(self):
@@ -173,6 +185,27 @@ class PeftModel(Module):
             for k, data in swapped.items():
                 params[k].data = data
             self.set_adapter(active)
+
+    def unload(self):
+        """Undo everything: unmerge, put each wrapped base module back, remove added modules and
+        restore selectively trained weights. Returns the base model as it was."""
+        if any(getattr(m, "merged", False) for _, m in peft_layers(self.base_model)):
+            self.unmerge()
+        for path, layer in reversed(peft_layers(self.base_model)):
+            parent_name, _, leaf = path.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name)
+            base = getattr(layer, "base", None)
+            if isinstance(base, Module):
+                setattr(parent, leaf, base)
+            else:
+                delattr(parent, leaf)
+        params = dict(self.base_model.named_parameters())
+        for k, orig in self._originals.items():
+            params[k].data = bk.asarray(orig)
+        for p in params.values():
+            p.requires_grad, p.mask = False, None
+        self.peft_configs, self.active_adapter, self._originals = {}, None, {}
+        return self.base_model
 
     def _tensors(self, name: str) -> dict:
         """Full name -> Parameter of adapter ``name``'s tensors."""
@@ -255,21 +288,10 @@ class PeftModel(Module):
     def load_adapter(self, folder, name: str = "default", seed: int = 0) -> None:
         """Add the adapter saved in ``folder`` under ``name`` and activate it. Everything is
         checked before the model changes: method, base config, tensor names and shapes."""
-        folder = Path(folder)
-        meta = load_json(folder / ADAPTER_CONFIG)
-        tensors, file_meta = load_tensors(folder / ADAPTER_WEIGHTS)
-        if file_meta != meta:
-            raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
-        if meta.get("base_config") != self.config.to_dict():
-            diff = {k: (v, meta.get("base_config", {}).get(k))
-                    for k, v in self.config.to_dict().items()
-                    if meta.get("base_config", {}).get(k) != v}
-            raise CheckpointError(f"{folder}: adapter was trained on another base model; "
-                                  f"differences (this base, adapter's base): {diff}")
-        if meta.get("method") != self.method:
-            raise CheckpointError(f"{folder}: holds a {meta.get('method')!r} adapter but this "
+        cfg, tensors = read_adapter(folder, self.base_model)
+        if cfg.method != self.method:
+            raise CheckpointError(f"{folder}: holds a {cfg.method!r} adapter but this "
                                   f"model uses {self.method!r}")
-        cfg = type(next(iter(self.peft_configs.values()))).from_dict(meta["config"])
         if self.method == "selective":
             cfg.load_state(self.base_model, tensors)  # validates, then writes base weights
             return
@@ -277,28 +299,44 @@ class PeftModel(Module):
             raise ValueError(f"an adapter named {name!r} already exists; delete it first")
         self.add_adapter(name, cfg, seed)
         try:
-            own = self._tensors(name)
-            problems = []
-            if set(own) != set(tensors):
-                problems.append(f"missing {sorted(set(own) - set(tensors))}, "
-                                f"unexpected {sorted(set(tensors) - set(own))}")
-            problems += [f"{k}: expected {own[k].shape}, file {tuple(v.shape)}"
-                         for k, v in tensors.items() if k in own and tuple(v.shape) != own[k].shape]
-            if problems:
-                raise CheckpointError(f"{folder}: tensors do not fit: {'; '.join(problems)}")
-            for k, p in own.items():
-                p.data = bk.asarray(tensors[k], dtype=p.dtype).copy()
+            self._fill(name, tensors, folder)
         except Exception:
             self.delete_adapter(name)
             raise
+
+    def _fill(self, name: str, tensors: dict, folder) -> None:
+        """Copy saved tensors into adapter ``name``, after checking names and shapes."""
+        own = self._tensors(name)
+        problems = []
+        if set(own) != set(tensors):
+            problems.append(f"missing {sorted(set(own) - set(tensors))}, "
+                            f"unexpected {sorted(set(tensors) - set(own))}")
+        problems += [f"{k}: expected {own[k].shape}, file {tuple(v.shape)}"
+                     for k, v in tensors.items() if k in own and tuple(v.shape) != own[k].shape]
+        if problems:
+            raise CheckpointError(f"{folder}: tensors do not fit: {'; '.join(problems)}")
+        for k, p in own.items():
+            p.data = bk.asarray(tensors[k], dtype=p.dtype).copy()
+
+    def add_weighted_adapter(self, names, weights, new_name: str, how: str = "linear",
+                             r: int | None = None):
+        """Combine LoRA adapters into a new one (see ``lora_merge.add_weighted_adapter``)."""
+        if self.method != "lora":
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters; this model uses "
+                             f"{self.method}")
+        from minipeft.peft.lora_merge import add_weighted_adapter
+        return add_weighted_adapter(self, names, weights, new_name, how=how, r=r)
 
     # ---------------------------------------------------------------- merge
     def merge(self) -> None:
         """Fold the active adapter into the base weights (LoRA, IA3). Idempotent."""
         self._mergeable_layers("merge")
-        for _, layer in peft_layers(self.base_model):
-            if layer.active is not None:
-                layer.merge()
+        layers = [layer for _, layer in peft_layers(self.base_model) if layer.active is not None]
+        for layer in layers:  # all or nothing: every layer may refuse before any weight changes
+            if hasattr(layer, "check_merge"):
+                layer.check_merge()
+        for layer in layers:
+            layer.merge()
 
     def unmerge(self) -> None:
         """Undo ``merge``. Idempotent."""
@@ -327,4 +365,41 @@ def get_peft_model(model, config: PeftConfig, adapter_name: str = "default",
 
 def read_adapter_config(folder) -> dict:
     """The JSON config of a saved adapter (method, config, base config)."""
-    return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    return load_json(Path(folder) / ADAPTER_CONFIG)
+
+
+def read_adapter(folder, model) -> tuple[PeftConfig, dict]:
+    """Read and check a saved adapter: (its config, name -> host array). Raises
+    CheckpointError for a missing, corrupted, foreign or mismatched file."""
+    folder = Path(folder)
+    meta = load_json(folder / ADAPTER_CONFIG)
+    tensors, file_meta = load_tensors(folder / ADAPTER_WEIGHTS)
+    if file_meta != meta:
+        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
+    base_cfg = meta.get("base_config", {})
+    if base_cfg != model.config.to_dict():
+        diff = {k: (v, base_cfg.get(k)) for k, v in model.config.to_dict().items()
+                if base_cfg.get(k) != v}
+        raise CheckpointError(f"{folder}: adapter was trained on another base model; "
+                              f"differences (this base, adapter's base): {diff}")
+    method = meta.get("method")
+    if method not in CONFIG_CLASSES:
+        raise CheckpointError(f"{folder}: unknown PEFT method {method!r}; known: "
+                              f"{sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[method].from_dict(meta["config"]), tensors
+
+
+def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
+    """Apply the adapter saved in ``folder`` to a plain base ``model``; the method is read from
+    the file. Everything is checked first, so a bad file leaves the model unchanged."""
+    config, tensors = read_adapter(folder, model)
+    peft = PeftModel(model, config, adapter_name)
+    try:
+        if config.method == "selective":
+            config.load_state(model, tensors)
+        else:
+            peft._fill(adapter_name, tensors, folder)
+    except Exception:
+        peft.unload()
+        raise
+    return peft

@@ -1,0 +1,412 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Fine-tuning changes a weight matrix ``W0: (out, in)`` by some ``ΔW``. LoRA bets that ``ΔW`` is
+low rank (section 4.1 of the paper), writes it as a product of two thin matrices and trains only
+those, leaving ``W0`` frozen::
+
+    y = W0 x + s · B A x        A: (r, in)  random     B: (out, r)  zero     s = alpha / r
+
+           x (…, in)
+           │
+     ┌─────┴──────────────┐
+     │                    │ dropout
+     │ W0 (out, in)       │
+     │ frozen             A (r, in)      down-projection: in -> r, random at init
+     │                    │ (…, r)
+     │                    B (out, r)     up-projection:   r -> out, ZERO at init
+     │                    │ × s
+     └──────── + ─────────┘
+               │
+           y (…, out)
+
+It trains ``r (in + out)`` numbers instead of ``in · out``: for a 4096 x 4096 projection at r = 8
+that is 65,536 instead of 16.8 million.
+
+Why B = 0 and A random. At step 0 the product ``B A`` is zero, so the adapted model computes
+exactly the base model: fine-tuning starts from what pretraining learnt (a test checks the
+logits are equal). Not *both* zero: with ``A = B = 0`` the gradients ``dB = s g (A x)ᵀ`` and
+``dA = s Bᵀ g xᵀ`` are both zero and nothing ever moves. With A random, ``dB`` is not zero, so B
+moves first and then A follows.
+
+The scale s. ``alpha / r`` (the paper) makes the initial learning dynamics roughly independent of
+r, so alpha need not be re-tuned when r changes. rsLoRA (Kalajdzievski 2023) shows the update then
+*shrinks* as r grows, so large ranks learn slowly, and uses ``alpha / sqrt(r)`` instead
+(``use_rslora=True``).
+
+Merging (section 4.1, "no additional inference latency"). ``W0 + s B A`` is an ordinary matrix:
+``merge()`` folds it in, ``W <- W + s B A`` (one matmul), after which the layer costs exactly
+what the base layer costs; ``unmerge()`` subtracts it again. The forward pass never forms the
+dense ``B A``: ``(x Aᵀ) Bᵀ`` costs ``r (in + out)`` per token instead of ``in · out``.
+
+PiSSA (Meng et al. 2024; ``init="pissa"``) starts B A on W0's top-r singular directions instead
+of at zero, and *replaces the frozen weight by the residual* ``W_res = W0 - s B A``, so step 0
+still equals the base model. After that, the frozen base of the layer IS the residual:
+``disable_adapter()`` and ``unmerge()`` give ``W_res``, not ``W0``, and so does deleting the
+adapter. Because it rewrites the frozen weight, a PiSSA adapter cannot join a layer that already
+holds adapters. Loading a saved PiSSA adapter into a fresh base recomputes the same residual
+(the SVD of the same W0), so it reproduces the trained model.
+
+Targets. ``target_modules`` names the Linear layers to adapt. A target matches a module path
+(``blocks.0.attn.q_proj``) when it equals the path, when it is a dotted suffix of it ("q_proj",
+"attn.q_proj"), or, when it contains a regex metacharacter (any of ``^$*+?{}[]()|\\``; a plain
+dot does not count), when ``re.fullmatch(target, path)`` succeeds
+(e.g. ``r"blocks\\.[01]\\..*_proj"``).
+``layers`` then keeps only modules inside the listed blocks. ``target_embedding=True`` also adapts
+the token embedding ``tok_emb`` (see ``LoRAEmbedding``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from minipeft import backend as bk
+from minipeft.autograd import Tensor, concatenate, embedding, linear, matmul, transpose
+from minipeft.lowrank import pissa_init
+from minipeft.nn.layers import Dropout, Embedding, Linear
+from minipeft.nn.module import Module, Parameter
+from minipeft.peft.core import PeftConfig, PeftLayer
+
+INITS = ("kaiming", "gaussian", "pissa")
+_REGEX_CHARS = set("^$*+?{}[]()|\\")
+
+
+@dataclass(frozen=True)
+class LoraConfig(PeftConfig):
+    r: int = 8                                   # rank of B A
+    alpha: float = 16                            # scale s = alpha / r (alpha / sqrt(r) with rsLoRA)
+    dropout: float = 0.0                         # on the LoRA branch's input, while training
+    target_modules: tuple = ("q_proj", "v_proj")  # names, dotted suffixes or regexes (see above)
+    layers: tuple | None = None                  # block indices to adapt (None: every block)
+    init: str = "kaiming"                        # A's init: "kaiming", "gaussian", or "pissa"
+    use_rslora: bool = False                     # s = alpha / sqrt(r) (rank-stabilised)
+    target_embedding: bool = False               # also adapt tok_emb
+
+    method = "lora"
+    mergeable = True
+
+    def __post_init__(self):
+        tm = self.target_modules
+        object.__setattr__(self, "target_modules", (tm,) if isinstance(tm, str) else tuple(tm))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer (the rank), got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0 (the scale is alpha/r), "
+                             f"got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if not self.target_modules and not self.target_embedding:
+            raise ValueError("LoraConfig.target_modules is empty and target_embedding is False: "
+                             "nothing to adapt")
+        if any(not isinstance(t, str) or not t for t in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules must be non-empty strings, "
+                             f"got {self.target_modules!r}")
+        for t in self.target_modules:
+            if _REGEX_CHARS & set(t):
+                try:
+                    re.compile(t)
+                except re.error as exc:
+                    raise ValueError(f"LoraConfig.target_modules: {t!r} is not a valid regex "
+                                     f"({exc})") from None
+        if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
+            raise ValueError(f"LoraConfig.layers must be block indices >= 0, got {self.layers!r}")
+
+    @property
+    def scale(self) -> float:
+        """s: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    # ---------------------------------------------------------------- which modules
+    def select(self, model) -> list[str]:
+        """Paths of the modules this config adapts, in model order. Raises ValueError when a
+        target matches nothing or the choice is empty; changes nothing."""
+        cands = _candidates(model)
+        linears = [p for p, m in cands.items() if not isinstance(m, (Embedding, LoRAEmbedding))]
+        chosen = set()
+        for t in self.target_modules:
+            hits = [p for p in linears if _matches(t, p)]
+            if not hits:
+                names = sorted({p.rpartition(".")[2] for p in linears})
+                raise ValueError(f"LoraConfig.target_modules: {t!r} matches no Linear module; "
+                                 f"available Linear names: {names} (or full paths such as "
+                                 f"{linears[:1]})")
+            chosen.update(hits)
+        n_layer = model.config.n_layer
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= n_layer]
+            if bad:
+                raise ValueError(f"LoraConfig.layers: {bad} out of range for a model with "
+                                 f"{n_layer} blocks")
+            chosen = {p for p in chosen if _block_of(p) is None or _block_of(p) in self.layers}
+        if self.target_embedding:
+            if "tok_emb" not in cands:
+                raise ValueError("LoraConfig.target_embedding: this model has no tok_emb")
+            chosen.add("tok_emb")
+        if not chosen:
+            raise ValueError(f"LoraConfig selects no module (targets {self.target_modules}, "
+                             f"layers {self.layers})")
+        return [p for p in cands if p in chosen]
+
+    def apply(self, model, name: str, seed: int) -> list[str]:
+        """Wrap each selected module in a LoRA layer (or add ``name`` to an existing one)."""
+        paths = self.select(model)
+        mods = {p: model.get_submodule(p) for p in paths}
+        if self.init == "pissa":  # check every layer before any module changes
+            for p, m in mods.items():
+                shape = (m.base if isinstance(m, _LoRALayer) else m).weight.shape
+                if self.r > min(shape):
+                    raise ValueError(f"LoraConfig(init='pissa'): r={self.r} exceeds the "
+                                     f"smaller side of {p}'s weight {shape}")
+                if isinstance(m, _LoRALayer) and m.adapter_names():
+                    raise ValueError(f"LoraConfig(init='pissa') rewrites the frozen weight of "
+                                     f"{p}, which its adapters {m.adapter_names()} rely on; "
+                                     "give a PiSSA adapter a model of its own")
+        rng = bk.host_rng(seed)
+        for p, m in mods.items():
+            if not isinstance(m, _LoRALayer):
+                m = LoRAEmbedding(m) if isinstance(m, Embedding) else LoRALinear(m)
+                model.set_submodule(p, m)
+            m.add_adapter(name, self, rng)
+        return paths
+
+
+def _matches(target: str, path: str) -> bool:
+    """The target rule: exact path, dotted suffix, or (with regex metacharacters) fullmatch."""
+    if _REGEX_CHARS & set(target):
+        return re.fullmatch(target, path) is not None
+    return path == target or path.endswith("." + target)
+
+
+def _block_of(path: str) -> int | None:
+    parts = path.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 else None
+
+
+def _candidates(model) -> dict:
+    """path -> module for every Linear (or LoRA layer) and tok_emb, never inside a LoRA layer."""
+    out, inside = {}, []
+    for path, m in model.named_modules():
+        if any(path.startswith(q + ".") for q in inside):
+            continue
+        if isinstance(m, _LoRALayer):
+            inside.append(path)
+        if isinstance(m, (Linear, _LoRALayer)) or (path == "tok_emb" and isinstance(m, Embedding)):
+            out[path] = m
+    return out
+
+
+# ============================================================================ the layers
+class LoRAFactors(Module):
+    """One adapter's tensors: A (r, in), B (out, r), its scale s and its dropout."""
+
+    def __init__(self, A, B, scale: float, dropout: float, seed: int):
+        self.A = Parameter(A)                                       # (r, in)
+        self.B = Parameter(B)                                       # (out, r)
+        self.r, self.scale = A.shape[0], scale
+        self.drop = Dropout(dropout, seed=seed)
+
+    def __repr__(self) -> str:
+        return f"LoRAFactors(r={self.r}, scale={self.scale:g})"
+
+
+class _LoRALayer(PeftLayer):
+    """What LoRALinear and LoRAEmbedding share: adapters, merge, unmerge, mixed batches.
+
+    Subclasses say how one adapter changes the output (``_delta``) and what the update is as
+    a dense matrix in the base weight's layout (``delta_weight``)."""
+
+    supports_mixed_batch = True
+
+    def __init__(self, base):
+        self.base = base                        # set first: its parameters are listed first
+        super().__init__()
+        self.merged_adapter: str | None = None  # which adapter W currently holds, if any
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
+
+    def factors(self, name: str) -> LoRAFactors:
+        return getattr(self.adapters, name)
+
+    def add_adapter(self, name: str, cfg: LoraConfig, rng) -> None:
+        """Create adapter ``name``: A from ``cfg.init`` (drawn from ``rng``), B = 0."""
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        W = self.base.weight.data
+        out_f, in_f = self._shape()
+        if cfg.init == "pissa":  # B A := the best rank-r part of W; W := the residual
+            A, B, W_res = pissa_init(self._to_layout(W), cfg.r)   # (r, in), (out, r)
+            root = math.sqrt(cfg.scale)                            # so that s B A = B_p A_p
+            A, B = A / root, (B / root).astype(W.dtype)
+            self.base.weight.data = self._to_layout(W_res).astype(W.dtype)
+        else:
+            A = bk.asarray(self._init_A(rng, cfg, in_f))           # (r, in)
+            B = bk.xp.zeros((out_f, cfg.r), dtype=W.dtype)         # (out, r): zero
+        seed = int(rng.integers(2**31))                            # this layer's dropout masks
+        factors = LoRAFactors(A.astype(W.dtype), B, cfg.scale, cfg.dropout, seed)
+        setattr(self.adapters, name, factors)
+
+    def _init_A(self, rng, cfg, in_f):
+        if cfg.init == "gaussian":                 # HF PEFT's "gaussian": std 1/r
+            return rng.normal(0.0, 1.0 / cfg.r, size=(cfg.r, in_f))
+        bound = 1.0 / math.sqrt(in_f)              # kaiming_uniform(a=sqrt(5)), as loralib
+        return rng.uniform(-bound, bound, size=(cfg.r, in_f))
+
+    def delete(self, name: str) -> None:
+        if name == self.merged_adapter:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge() first")
+        super().delete(name)
+
+    # ---------------------------------------------------------------- forward helpers
+    def _mixed(self, x, lead):
+        """Row i gets adapter ``row_adapters[i]`` (None: no update). Rows are grouped by
+        adapter, each group runs its own adapter once, and the pieces are put back in order."""
+        names = self.row_adapters
+        if len(names) != lead[0]:
+            raise ValueError(f"row_adapters has {len(names)} names for a batch of {lead[0]}")
+        groups: dict = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n if n in self.adapter_names() else None, []).append(i)
+        pieces, order = [], []
+        for n, rows in groups.items():
+            idx = bk.xp.asarray(rows)
+            if n is None:
+                out_f = self._shape()[0]
+                pieces.append(Tensor(bk.xp.zeros((len(rows),) + lead[1:] + (out_f,),
+                                                 dtype=self.base.weight.dtype)))
+            else:
+                pieces.append(self._delta(n, x[idx]))               # (rows, ..., out)
+            order += rows
+        delta = concatenate(pieces, axis=0)                         # (B, ..., out), grouped
+        inverse = bk.xp.argsort(bk.xp.asarray(order))               # grouped row -> batch row
+        return delta[inverse]
+
+    def _update(self, x, lead):
+        """The LoRA term to add to the base output, or None."""
+        if self.row_adapters is not None:
+            return self._mixed(x, lead)
+        if self.merged or self.active is None:  # merged: W already holds s B A
+            return None
+        return self._delta(self.active, x)
+
+    # ---------------------------------------------------------------- merge
+    def delta_weight(self, name: str):
+        """The dense update s B A, in the layout of ``base.weight``."""
+        f = self.factors(name)
+        return self._to_layout(f.scale * (f.B.data @ f.A.data))    # (out, r) @ (r, in)
+
+    def check_merge(self) -> None:
+        """Raise ValueError if ``merge()`` would refuse: another adapter is merged, or the
+        active one holds NaN or inf (PeftModel checks every layer before merging any)."""
+        if self.active is None or self.merged_adapter == self.active:
+            return
+        if self.merged:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged; unmerge() before "
+                             f"merging {self.active!r}")
+        f = self.factors(self.active)
+        for label, t in (("A", f.A), ("B", f.B)):
+            if not bool(bk.xp.isfinite(t.data).all()):
+                raise ValueError(f"merge: adapter {self.active!r} has non-finite values in "
+                                 f"{label}; the base weights were left unchanged")
+
+    def merge(self) -> None:
+        """W <- W + s B A for the active adapter. Idempotent. Refuses (ValueError, W unchanged)
+        when the adapter holds NaN or inf or the sum overflows."""
+        self.check_merge()
+        if self.active is None or self.merged_adapter == self.active:
+            return
+        W = self.base.weight.data + self.delta_weight(self.active)
+        if not bool(bk.xp.isfinite(W).all()):
+            raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
+        self.base.weight.data = W.astype(self.base.weight.dtype)
+        self.merged_adapter = self.active
+
+    def unmerge(self) -> None:
+        """W <- W - s B A for the merged adapter. Idempotent."""
+        if not self.merged:
+            return
+        W = self.base.weight.data - self.delta_weight(self.merged_adapter)
+        self.base.weight.data = W.astype(self.base.weight.dtype)
+        self.merged_adapter = None
+
+
+class LoRALinear(_LoRALayer):
+    """y = base(x) + s · B A dropout(x), with the base Linear frozen (it *has* the Linear)."""
+
+    def _shape(self):
+        return self.base.out_features, self.base.in_features
+
+    @staticmethod
+    def _to_layout(M):
+        return M  # B A is already (out, in), like Linear.weight
+
+    def _delta(self, name: str, x):
+        f = self.factors(name)
+        h = linear(f.drop(x), f.A)                                  # (..., in) -> (..., r)
+        return linear(h, f.B) * f.scale                             # (..., r) -> (..., out)
+
+    def forward(self, x):
+        y = self.base(x)                                            # (..., out)
+        d = self._update(x, x.shape[:-1])
+        return y if d is None else y + d
+
+    def __repr__(self) -> str:
+        return f"LoRALinear({self.base!r}, adapters={self.adapter_names()})"
+
+
+class LoRAEmbedding(_LoRALayer):
+    """LoRA on a token table W0: (V, C). ``A: (r, V)``, ``B: (C, r)``, ``ΔW = s (B A)ᵀ: (V, C)``.
+
+    A lookup is a one-hot input times the table, so the LoRA term of token t is
+    ``s · B A[:, t]``: look up column t of A (an r-vector), then up-project with B. No dropout
+    (zeroing a one-hot input would drop the whole token). A's init: N(0, 1), since a one-hot
+    input has norm 1. A *tied* LM head reads ``.weight``, which is the adapted table
+    ``W0 + s (B A)ᵀ`` (formed densely: the head's own matmul is as large), so the head and the
+    lookup agree, merged or not. A mixed batch must then use one adapter for every row.
+    """
+
+    def _shape(self):
+        return self.base.dim, self.base.num_embeddings                # (C, V): B A's layout
+
+    @staticmethod
+    def _to_layout(M):
+        return M.T  # (C, V) <-> (V, C)
+
+    def _init_A(self, rng, cfg, in_f):
+        return rng.normal(0.0, 1.0, size=(cfg.r, in_f))
+
+    def _delta(self, name: str, ids):
+        f = self.factors(name)
+        h = embedding(transpose(f.A), ids)                          # (V, r) lookup -> (..., r)
+        return linear(h, f.B) * f.scale                             # (..., r) -> (..., C)
+
+    def forward(self, ids):
+        ids = ids.data if isinstance(ids, Tensor) else bk.asarray(ids)
+        y = self.base(ids)                                          # (..., C)
+        d = self._update(ids, ids.shape)
+        return y if d is None else y + d
+
+    @property
+    def weight(self):
+        """The table as a tied head must see it: W0, plus s (B A)ᵀ when an adapter is active."""
+        name = self.active
+        if self.row_adapters is not None:
+            used = {n if n in self.adapter_names() else None for n in self.row_adapters}
+            if len(used) > 1:
+                raise ValueError("mixed-batch inference cannot give a tied LM head a different "
+                                 "embedding table per row; untie the head or use one adapter")
+            name = used.pop()
+        if name is None or self.merged:
+            return self.base.weight
+        f = self.factors(name)
+        return self.base.weight + matmul(transpose(f.A), transpose(f.B)) * f.scale  # (V, C)
+
+    def __repr__(self) -> str:
+        return f"LoRAEmbedding({self.base.num_embeddings} x {self.base.dim}, " \
+               f"adapters={self.adapter_names()})"
