@@ -30,6 +30,7 @@ RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
 @dataclass(frozen=True)
 class BaseRecipe:
     tasks: tuple            # task A: the skills the base model learns
+    length: int             # input length of each task example (minipeft.data.tasks)
     n_layer: int
     n_head: int
     n_embd: int
@@ -41,16 +42,16 @@ class BaseRecipe:
     spare_context: int = 32   # room beyond the task length for soft prompts and prefixes
 
     def gpt_config(self) -> GPTConfig:
-        mix = TaskMixture(list(self.tasks), seed=0)
+        mix = TaskMixture(list(self.tasks), seed=0, length=self.length)
         return GPTConfig(vocab_size=len(VOCAB), block_size=mix.block_size + self.spare_context,
                          n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
 
 
 RECIPES = {
-    "default": BaseRecipe(tasks=("copy", "reverse", "cipher", "count"), n_layer=2, n_head=4,
-                          n_embd=128, steps=1200),
-    "quick": BaseRecipe(tasks=("copy", "reverse"), n_layer=1, n_head=2, n_embd=32, steps=250,
-                        lr=1e-2, warmup=20, eval_examples=200),
+    "default": BaseRecipe(tasks=("copy", "reverse", "cipher", "count"), length=8, n_layer=2,
+                          n_head=4, n_embd=128, steps=1200),
+    "quick": BaseRecipe(tasks=("copy", "reverse"), length=4, n_layer=2, n_head=4, n_embd=32,
+                        steps=900, lr=5e-3, warmup=20, eval_examples=200),
 }
 
 
@@ -67,14 +68,14 @@ def recipe_key(kind: str, recipe: BaseRecipe, seed: int) -> str:
 
 def pretrain(recipe: BaseRecipe, seed: int = 0, progress: bool = True) -> tuple[GPT, dict]:
     """Train a base model from scratch on the recipe's task mixture; returns (model, info)."""
-    mix = TaskMixture(list(recipe.tasks), seed=seed)
+    mix = TaskMixture(list(recipe.tasks), seed=seed, length=recipe.length)
     model = GPT(recipe.gpt_config(), seed=seed)
     cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
                       warmup=recipe.warmup, progress=progress, desc="pretraining base")
     result = train(model, mix.sample, cfg)
     scores = {t: evaluate_lm(model, *mix.eval_set(t, recipe.eval_examples))
               for t in recipe.tasks}
-    info = {"tasks": list(recipe.tasks), "seed": seed, "seconds": round(result.seconds, 1),
+    info = {"tasks": list(recipe.tasks), "length": recipe.length, "seed": seed, "seconds": round(result.seconds, 1),
             "final_loss": result.final_loss, "steps": recipe.steps,
             "exact_match": {t: s["exact_match"] for t, s in scores.items()},
             "eval_loss": {t: s["loss"] for t, s in scores.items()},

@@ -3,7 +3,7 @@
     minipeft tour                 # the main job: every method side by side, report in ./minipeft-out
     minipeft pretrain             # train (or load) the cached base model and print its scores
     minipeft finetune --method lora --task sort --out adapters/sort
-    minipeft compare --methods full,lora_r8,prompt16 --seeds 0,1
+    minipeft compare --methods full,lora_r8_qv,prompt16 --seeds 0,1
     minipeft params --preset gpt3-175b --lora-r 8
     minipeft bench --quick
 """
@@ -17,7 +17,6 @@ EPILOG = """examples:
   minipeft tour --quick
   minipeft pretrain --base quick
   minipeft finetune --method lora --task sort --steps 300 --out adapters/sort
-  minipeft finetune --method prompt --text my_notes.txt --out adapters/notes
   minipeft compare --methods full,lora_r8_qv,bitfit --seeds 0
   minipeft params --preset llama2-7b --lora-r 8 --targets q_proj,v_proj
   minipeft bench --quick
@@ -62,19 +61,19 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from minipeft.experiment import finetune_cli
+    from minipeft.tour import finetune_cli
 
     return finetune_cli(args)
 
 
 def _cmd_compare(args) -> int:
-    from minipeft.experiment import compare_cli
+    from minipeft.tour import compare_cli
 
     return compare_cli(args)
 
 
 def _cmd_tour(args) -> int:
-    from minipeft.experiment import tour
+    from minipeft.tour import tour
 
     tour(out_dir=args.out, quick=args.quick, seed=args.seed)
     return 0
@@ -107,12 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: minipeft finetune --method lora --task sort "
                        "--out adapters/sort")
     p.add_argument("--method", required=True,
-                   help="full, bitfit, last2, mask, lora, lora_all, houlsby, pfeiffer, "
-                   "parallel, prompt, prefix, ia3, embeddings")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", help="built-in task (see minipeft.data.TASKS), e.g. sort")
-    src.add_argument("--text", help="a text file of your own (trains a fresh character model "
-                     "base on it first)")
+                   help="full, last1, bitfit, mask, lora, lora_all, houlsby, pfeiffer, "
+                   "prompt, prefix, ia3")
+    p.add_argument("--task", required=True, help="built-in task (minipeft.data.TASKS), e.g. sort")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own")
     p.add_argument("--base", default="default", choices=["default", "quick"])

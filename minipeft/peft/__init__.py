@@ -1,6 +1,25 @@
 """Parameter-efficient fine-tuning methods, one file each, sharing ``core.PeftModel``."""
 
-from minipeft.peft.core import PeftConfig, PeftLayer, PeftModel, get_peft_model
+from minipeft.peft.adapters import AdapterConfig, AdapterLayer, Bottleneck
+from minipeft.peft.core import (
+    PeftConfig,
+    PeftLayer,
+    PeftModel,
+    get_peft_model,
+    load_peft_model,
+    read_adapter,
+)
+from minipeft.peft.ia3 import IA3Config, IA3Linear, IA3Vector
+from minipeft.peft.lora import LoraConfig, LoRAEmbedding, LoRAFactors, LoRALinear
+from minipeft.peft.lora_merge import add_weighted_adapter
+from minipeft.peft.prefix import (
+    PrefixEncoder,
+    PrefixMLP,
+    PrefixTable,
+    PrefixTuningConfig,
+    collapse_prefix,
+)
+from minipeft.peft.prompt import PromptEncoder, PromptTuningConfig, SoftPrompt
 from minipeft.peft.selective import (
     SelectiveConfig,
     bitfit,
@@ -8,6 +27,13 @@ from minipeft.peft.selective import (
     full_finetuning,
     last_blocks,
 )
+from minipeft.peft.softprompt_analysis import nearest_tokens, neighbour_purity, random_baseline
 
-__all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "SelectiveConfig",
-           "bitfit", "embedding_only", "full_finetuning", "last_blocks"]
+__all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_model",
+           "read_adapter", "SelectiveConfig",
+           "bitfit", "embedding_only", "full_finetuning", "last_blocks",
+           "LoraConfig", "LoRALinear", "LoRAEmbedding", "LoRAFactors", "add_weighted_adapter",
+           "AdapterConfig", "AdapterLayer", "Bottleneck", "IA3Config", "IA3Linear", "IA3Vector",
+           "PromptTuningConfig", "PromptEncoder", "SoftPrompt", "PrefixTuningConfig",
+           "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
+           "neighbour_purity", "random_baseline"]
