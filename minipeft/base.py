@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minipeft.data import VOCAB, TaskMixture
+from minipeft.data import VOCAB, LanguageStream, TaskMixture, WordTokenizer
 from minipeft.io import CheckpointError, load_json, load_model, save_json, save_model
 from minipeft.nn import GPT, GPTConfig
 from minipeft.train import TrainConfig, evaluate_lm, train
@@ -42,8 +42,12 @@ class BaseRecipe:
     spare_context: int = 32   # room beyond the task length for soft prompts and prefixes
 
     def gpt_config(self) -> GPTConfig:
-        mix = TaskMixture(list(self.tasks), seed=0, length=self.length)
-        return GPTConfig(vocab_size=len(VOCAB), block_size=mix.block_size + self.spare_context,
+        if self.tasks == ("language",):
+            vocab, block = WordTokenizer().vocab_size, self.length
+        else:
+            vocab = len(VOCAB)
+            block = TaskMixture(list(self.tasks), seed=0, length=self.length).block_size
+        return GPTConfig(vocab_size=vocab, block_size=block + self.spare_context,
                          n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
 
 
@@ -52,6 +56,10 @@ RECIPES = {
                           n_head=4, n_embd=128, steps=1200),
     "quick": BaseRecipe(tasks=("copy", "reverse"), length=4, n_layer=2, n_head=4, n_embd=32,
                         steps=900, lr=5e-3, warmup=20, eval_examples=200),
+    # the synthetic language of minipeft.data.language (length = sequence width), whose word
+    # categories let the soft-prompt lesson score what learned vectors are near
+    "language": BaseRecipe(tasks=("language",), length=24, n_layer=2, n_head=4, n_embd=64,
+                           steps=600, eval_examples=256),
 }
 
 
@@ -67,16 +75,24 @@ def recipe_key(kind: str, recipe: BaseRecipe, seed: int) -> str:
 
 
 def pretrain(recipe: BaseRecipe, seed: int = 0, progress: bool = True) -> tuple[GPT, dict]:
-    """Train a base model from scratch on the recipe's task mixture; returns (model, info)."""
-    mix = TaskMixture(list(recipe.tasks), seed=seed, length=recipe.length)
+    """Train a base model from scratch on the recipe's data; returns (model, info)."""
+    if recipe.tasks == ("language",):
+        stream = LanguageStream(seed, recipe.length)
+        sample = stream.sample
+        evals = {"language": LanguageStream(seed + 10_000, recipe.length)
+                 .sample(recipe.eval_examples)}
+    else:
+        mix = TaskMixture(list(recipe.tasks), seed=seed, length=recipe.length)
+        sample = mix.sample
+        evals = {t: mix.eval_set(t, recipe.eval_examples) for t in recipe.tasks}
     model = GPT(recipe.gpt_config(), seed=seed)
     cfg = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
                       warmup=recipe.warmup, progress=progress, desc="pretraining base")
-    result = train(model, mix.sample, cfg)
-    scores = {t: evaluate_lm(model, *mix.eval_set(t, recipe.eval_examples))
-              for t in recipe.tasks}
-    info = {"tasks": list(recipe.tasks), "length": recipe.length, "seed": seed, "seconds": round(result.seconds, 1),
-            "final_loss": result.final_loss, "steps": recipe.steps,
+    result = train(model, sample, cfg)
+    scores = {t: evaluate_lm(model, x, y) for t, (x, y) in evals.items()}
+    info = {"tasks": list(recipe.tasks), "length": recipe.length, "seed": seed,
+            "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+            "steps": recipe.steps, "losses": result.losses,
             "exact_match": {t: s["exact_match"] for t, s in scores.items()},
             "eval_loss": {t: s["loss"] for t, s in scores.items()},
             "num_parameters": model.num_parameters(), "recipe": asdict(recipe)}
@@ -85,7 +101,8 @@ def pretrain(recipe: BaseRecipe, seed: int = 0, progress: bool = True) -> tuple[
 
 def load_base(kind: str = "default", seed: int = 0, progress: bool = True,
               retrain: bool = False) -> tuple[GPT, dict]:
-    """The cached base model ``kind`` ("default" or "quick"), pretraining it on first use."""
+    """The cached base model ``kind`` ("default", "quick" or "language"), pretraining it on
+    first use. ``info`` holds the recipe, the loss curve and held-out scores per task."""
     if kind not in RECIPES:
         raise ValueError(f"load_base: unknown base {kind!r}; choose from {sorted(RECIPES)}")
     recipe = RECIPES[kind]

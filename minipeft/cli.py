@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train or load the cached base model",
                        epilog="example: minipeft pretrain --base quick")
-    p.add_argument("--base", default="default", choices=["default", "quick"])
+    p.add_argument("--base", default="default", choices=["default", "quick", "language"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     p.set_defaults(fn=_cmd_pretrain)
