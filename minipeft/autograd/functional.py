@@ -72,17 +72,37 @@ def gelu(x: Tensor) -> Tensor:
     """GELU, tanh form (GPT-2):  y = x/2 (1 + tanh(u)),  u = c (x + 0.044715 x^3).
 
     dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)
+
+    Elementwise work on the MLP's widest activation (N, 4C) is memory-bound, so both passes
+    reuse their temporaries in place instead of allocating one array per term.
     """
     xp = bk.xp
     x = as_tensor(x)
     a = x.data
-    t = xp.tanh(_GELU_C * (a + 0.044715 * a * a * a))
-    y = 0.5 * a * (1.0 + t)
+    t = a * a                                                       # x^2
+    t *= 0.044715
+    t += 1.0
+    t *= a
+    t *= _GELU_C                                                    # u = c x (1 + 0.044715 x^2)
+    xp.tanh(t, out=t)                                               # t = tanh(u)
+    y = t + 1.0
+    y *= a
+    y *= 0.5
 
     def backward(g):
-        a2 = a * a
-        dydx = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * (_GELU_C * (1.0 + 0.134145 * a2))
-        return (g * dydx,)
+        d = t * t
+        xp.subtract(1.0, d, out=d)                                  # 1 - tanh^2
+        d *= a
+        d *= 0.5 * _GELU_C
+        w = a * a
+        w *= 3 * 0.044715
+        w += 1.0
+        d *= w                                                      # x/2 (1 - t^2) c (1 + ...)
+        d += 0.5
+        w = xp.multiply(t, 0.5, out=w)
+        d += w                                                      # + (1 + t)/2
+        d *= g
+        return (d,)
     return Tensor._make(y, (x,), backward, "gelu")
 
 
@@ -175,10 +195,10 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             raise ValueError(f"layer_norm: parameter of shape {p_.shape} does not match the "
                              f"normalised size {C} of input {x.shape}")
     a = x.data
-    mu = a.mean(axis=-1, keepdims=True)
-    xc = a - mu
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd                                                # (..., C)
+    xhat = a - a.mean(axis=-1, keepdims=True)                       # x - mean, then in place:
+    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C    # (..., 1), no (..., C) temp
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat *= rstd                                                    # xhat (..., C)
     y = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
         y += bias.data
@@ -187,8 +207,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         grads = []
         gh = g * weight.data if weight is not None else g
         if x.requires_grad:
-            grads.append(rstd * (gh - gh.mean(axis=-1, keepdims=True)
-                                 - xhat * (gh * xhat).mean(axis=-1, keepdims=True)))
+            m2 = xp.einsum("...c,...c->...", gh, xhat)[..., None] / C  # mean(gh * xhat)
+            dx = xhat * m2
+            xp.subtract(gh, dx, out=dx)
+            dx -= gh.mean(axis=-1, keepdims=True)
+            dx *= rstd
+            grads.append(dx)
         else:
             grads.append(None)
         g2 = g.reshape(-1, C)
