@@ -119,7 +119,9 @@ class Tensor:
                                  f"expected the tensor's shape {self.shape}")
 
         grads = {id(self): grad}
-        for node in reversed(_topological_order(self)):
+        order = _topological_order(self)
+        while order:  # popping (not iterating) lets each processed node be freed at once
+            node = order.pop()
             g = grads.pop(id(node), None)
             if g is None:
                 continue
