@@ -107,12 +107,15 @@ def load_model(folder, seed: int = 0):
     cfg_dict = load_json(folder / "config.json")
     try:
         cfg = GPTConfig(**cfg_dict)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # unknown keys, or values GPTConfig rejects
         raise CheckpointError(f"{folder / 'config.json'} is not a GPTConfig: {exc}") from None
     tensors, meta = load_tensors(folder / "model.safetensors")
     if meta.get("config", cfg_dict) != cfg_dict:
         raise CheckpointError(f"{folder}: config.json does not match the config stored with "
                               "the weights (files from two different models?)")
     model = GPT(cfg, seed=seed)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except ValueError as exc:  # StateDictError: names every missing or mis-shaped tensor
+        raise CheckpointError(f"{folder}: weights do not fit config.json: {exc}") from None
     return model

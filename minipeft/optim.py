@@ -119,7 +119,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float((g.astype(bk.np.float32) ** 2).sum()) for g in grads))
+    total = math.sqrt(sum(float((g * g).sum()) for g in grads))  # in each gradient's dtype
     if max_norm > 0 and total > max_norm and math.isfinite(total):
         scale = max_norm / (total + 1e-6)
         for p in params:

@@ -55,13 +55,15 @@ PRESETS: dict[str, ArchSpec] = {
 
 
 def spec_from_config(cfg, name: str = "minipeft") -> ArchSpec:
-    """The ArchSpec of one of our GPTConfigs."""
+    """The ArchSpec of one of our GPTConfigs (an encoder's classification head is not counted:
+    see ``count_parameters(..., n_classes=)``)."""
     return ArchSpec(name, cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd,
                     4 * cfg.n_embd, cfg.n_head, bias=cfg.bias, tied=cfg.tie_weights)
 
 
-def count_parameters(spec: ArchSpec) -> dict[str, int]:
-    """Parameters by component: embeddings, attention, mlp, norms, head, and total."""
+def count_parameters(spec: ArchSpec, n_classes: int = 0) -> dict[str, int]:
+    """Parameters by component: embeddings, attention, mlp, norms, head, and total. With
+    ``n_classes``, the head includes a classification layer (d x n_classes + bias)."""
     d, L = spec.d_model, spec.n_layer
     mats = spec.matrices()
     attn_names = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,7 +76,7 @@ def count_parameters(spec: ArchSpec) -> dict[str, int]:
         "attention": L * attn,
         "mlp": L * mlp,
         "norms": (2 * L + 1) * per_norm,
-        "head": 0 if spec.tied else spec.vocab_size * d,
+        "head": (0 if spec.tied else spec.vocab_size * d) + (n_classes * (d + 1)),
     }
     counts["total"] = sum(counts.values())
     return counts

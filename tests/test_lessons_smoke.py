@@ -58,3 +58,32 @@ def test_01_autograd(lesson_out):
     assert min(m["eps_sweep"].values()) < 1e-8
     fig = Path(m["figure"])
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_02_tiny_transformer(lesson_out, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "cache"))  # a clean cache: it pretrains
+    m = run_lesson("02_tiny_transformer", "--quick", "--seed", "0")
+    # (b) the per-component counts add up to the model and agree with the calculator
+    counts, calc = m["components"], m["calculator"]
+    assert sum(counts.values()) == m["num_parameters"] == calc["total"]
+    assert all(counts[k] == calc[k] for k in counts)
+    assert counts["head"] == 0                                      # tied head: no extra weights
+    assert 1.9 < m["mlp_over_attention"] < 2.1
+    # (c) the loss fell, and the cached base scores every one of its skills
+    losses = m["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert set(m["base_exact_match"]) == set(m["base_info"]["tasks"])
+    assert all(0.0 <= v <= 1.0 for v in m["base_exact_match"].values())
+    assert m["samples"] and all(s["prompt"].endswith("=") for s in m["samples"])
+    # (d) the attention recomputed by hand is causal, normalised and the model's own
+    attn = m["attention"]
+    assert attn["upper_max"] == 0.0 and attn["row_sum_err"] < 1e-5
+    assert attn["recompute_diff"] < 1e-5
+    # (f) SEED-NOTES row 9: in real models the MLP holds ~2x attention; attention is no majority
+    real = m["real_models"]
+    assert real["gpt2-124m"]["total"] == 124_439_808
+    assert real["llama2-7b"]["total"] == 6_738_415_616
+    for spec in real.values():
+        assert 1.9 < spec["mlp_over_attention"] < 2.1 and not spec["attention_is_majority"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000

@@ -23,9 +23,11 @@ def sample_next(logits, temperature: float, top_k: int | None, rng):
         kth = xp.sort(z, axis=-1)[:, -top_k][:, None]
         z = xp.where(z < kth, -xp.inf, z)
     z = z - z.max(axis=-1, keepdims=True)
-    p = bk.to_numpy(xp.exp(z))
+    # normalise in float64: float32 probabilities miss a sum of 1 by ~1e-7, more than
+    # Generator.choice tolerates (~1e-8), so it would refuse most float32 rows
+    p = bk.to_numpy(xp.exp(z)).astype(bk.np.float64)
     p /= p.sum(axis=-1, keepdims=True)
-    choice = [rng.choice(p.shape[-1], p=row) for row in p.astype("float64")]
+    choice = [rng.choice(p.shape[-1], p=row) for row in p]
     return bk.asarray(bk.np.asarray(choice, dtype=bk.np.int64))
 
 
@@ -42,6 +44,9 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"generate: top_k must be positive, got {top_k}")
+    config = getattr(model, "config", None)
+    if use_cache and config is not None and not config.causal:
+        use_cache = False  # an encoder's earlier positions see later tokens: no valid cache
     rng = bk.host_rng(seed)
     out = bk.asarray(ids)
     was_training = getattr(model, "training", False)

@@ -1,0 +1,95 @@
+"""The study and the tour: the report's numbers are the run's measurements, and the tour writes
+a complete report folder."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from minipeft.data import TaskMixture
+from minipeft.train import evaluate_lm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tour_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINIPEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    from minipeft.tour import tour
+
+    out = tmp_path_factory.mktemp("tour")
+    lines = []
+    result = tour(out_dir=out, quick=True, seed=0, log=lines.append)
+    yield out, result, lines
+    mp.undo()
+
+
+def test_tour_writes_every_output(tour_run):
+    out, result, lines = tour_run
+    for name in ("table.md", "results.csv", "report.html", "learned_vs_forgotten.png",
+                 "memory.png", "step_time.png", "trainable_percent.png", "learning_curves.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    methods = [r.method for r in result["records"]]
+    for m in methods:
+        assert m in page and m in (out / "table.md").read_text()
+    assert any("tour finished" in line for line in lines)
+
+
+def test_csv_holds_the_measured_records(tour_run):
+    out, result, _ = tour_run
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    records = result["records"]
+    assert [r["method"] for r in rows] == [r.method for r in records]
+    for row, rec in zip(rows, records):
+        # the memory column is the memory module's measurement, unchanged
+        assert float(row["peak step MB"]) == pytest.approx(
+            rec.memory["measured"]["peak_step"] / 2**20)
+        # forgetting is before minus after, on the held-out set
+        assert float(row["forgetting (pts)"]) == pytest.approx(
+            100 * (rec.a_em_before - rec.a_em_after))
+        assert float(row["trainable"]) == rec.trainable
+        assert float(row["task B EM"]) == pytest.approx(100 * rec.b_em)
+
+
+def test_task_a_before_is_the_base_on_held_out_examples(tour_run):
+    """An independent evaluation of the cached base gives the study's 'before' number."""
+    from minipeft.base import load_base
+
+    _, result, _ = tour_run
+    base, info = load_base("quick", progress=False)
+    mix = TaskMixture(info["tasks"], seed=0, length=info["length"])
+    ems = [evaluate_lm(base, *mix.eval_set(t, 64))["exact_match"] for t in info["tasks"]]
+    expected = sum(ems) / len(ems)
+    for rec in result["records"]:
+        assert rec.a_em_before == pytest.approx(expected)
+        # the held-out task-A set never appears in training: the eval split is disjoint
+        assert rec.curve[0]["a_em"] == rec.a_em_before
+
+
+def test_records_are_internally_consistent(tour_run):
+    _, result, _ = tour_run
+    for rec in result["records"]:
+        assert rec.a_em_after == rec.curve[-1]["a_em"]
+        assert rec.b_em == rec.curve[-1]["b_em"]
+        assert 0 < rec.trainable <= rec.total
+        assert rec.adapter_bytes > 0 and rec.step_ms > 0 and rec.gen_ms_per_token > 0
+        if rec.method == "full":
+            assert rec.trainable == rec.total
+        if rec.a_em_at_match is not None:
+            point = next(p for p in rec.curve[1:] if p["step"] == rec.step_at_match)
+            assert point["a_em"] == rec.a_em_at_match
+
+
+def test_unknown_method_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path))
+    from minipeft.experiment import StudyConfig, run_study
+
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_study(StudyConfig(base="quick", methods=("nope",)))
