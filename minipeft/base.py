@@ -24,7 +24,7 @@ from minipeft.io import CheckpointError, load_json, load_model, save_json, save_
 from minipeft.nn import GPT, GPTConfig
 from minipeft.train import TrainConfig, evaluate_lm, train
 
-RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True)

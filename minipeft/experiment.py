@@ -71,7 +71,7 @@ def method_specs() -> dict[str, MethodSpec]:
 @dataclass
 class StudyConfig:
     base: str = "default"            # which cached base model (see minipeft.base)
-    task_b: str = "sort"             # the new task
+    task_b: str = "shift"            # the new task (see minipeft.data.tasks)
     methods: tuple = tuple(method_specs())
     seeds: tuple = (0,)
     steps: int = 400                 # same token budget for every method

@@ -28,9 +28,9 @@ NOTES = ("Base model pretrained on task A (the skills listed in the table's 'tas
 def tour(out_dir="minipeft-out", quick: bool = False, seed: int = 0, log=print) -> dict:
     """Run the compact study and write its report; returns the written paths."""
     start = time.perf_counter()
-    study = StudyConfig(base="quick" if quick else "default", task_b="sort",
+    study = StudyConfig(base="quick" if quick else "default", task_b="shift",
                         methods=QUICK_METHODS if quick else TOUR_METHODS, seeds=(seed,),
-                        steps=40 if quick else 300, eval_every=20 if quick else 50,
+                        steps=40 if quick else 200, eval_every=10 if quick else 20,
                         eval_examples=64 if quick else 300, gen_tokens=4 if quick else 16,
                         batch_size=32 if quick else 64, progress=not quick)
     log(f"minipeft tour: {len(study.methods)} methods, {study.steps} steps each on task "

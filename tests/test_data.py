@@ -81,6 +81,12 @@ def test_cipher_is_a_fixed_bijection():
     assert all(c != e for c, e in mapping.items())  # no letter left unchanged
 
 
+def test_shift_moves_each_letter_three_places():
+    letters = "abcdefghij"
+    for p, a in split_rows("shift", 100, seed=5, length=8):
+        assert a == "".join(letters[(letters.index(c) + 3) % 10] for c in p)
+
+
 @fast
 @given(seeds, st.integers(1, 30))
 def test_count_of_a(seed, length):

@@ -8,7 +8,8 @@ Every example is one row ``[marker] prompt = answer``, right-padded with ``<pad>
 The marker names the skill, so one model can hold many skills: PEFT needs a base model with
 skills to keep and a new one to add. The tasks (``length`` letters of a..j, default 8):
 
-- copy ``cbad=cbad``; reverse ``cbad=dabc``; sort ``cbad=abcd``.
+- copy ``cbad=cbad``; reverse ``cbad=dabc``; sort ``cbad=abcd``; shift ``cbad=fedg`` (each
+  letter moved ``SHIFT`` = 3 places round the alphabet a..j).
 - cipher ``cbad=heia``: each letter through one fixed substitution ``CIPHER`` (a permutation of
   a..j with no fixed point, drawn once from ``CIPHER_SEED``), applied to the plain, unreversed text.
 - add ``123+456=9750``: two 3-digit numbers, the sum as 4 digits *reversed* (least significant
@@ -38,7 +39,7 @@ np = bk.np  # host numpy: data is made on the CPU and moved to the device by the
 LETTERS = list("abcdefghij")
 DIGITS = list("0123456789")
 MARKERS = ["copy", "reverse", "cipher", "sort", "add", "count", "brackets",
-           "new0", "new1", "new2", "new3"]
+           "new0", "new1", "new2", "new3", "shift"]
 VOCAB: list[str] = (["<pad>", "="] + LETTERS + DIGITS + ["+", "(", ")", "y", "n"]
                     + [f"<{m}>" for m in MARKERS])
 STOI: dict[str, int] = {s: i for i, s in enumerate(VOCAB)}
@@ -47,6 +48,7 @@ _A, _D0 = STOI["a"], STOI["0"]  # first letter id, first digit id
 
 CIPHER_SEED = 1  # drawn once; this seed gives a permutation with no fixed point
 CIPHER = bk.host_rng(CIPHER_SEED).permutation(10)  # letter i -> letter CIPHER[i]
+SHIFT = 3  # the shift task: a Caesar cipher, each letter moved 3 places (a -> d, ..., j -> c)
 EVAL_BUCKETS = 10  # 1 input in 10 is held out for evaluation
 
 
@@ -97,6 +99,7 @@ TASKS = {
     "add": _add,
     "count": _on_letters(_count_a),
     "brackets": _brackets,
+    "shift": _on_letters(lambda s: _A + (s - _A + SHIFT) % 10),
 }
 """Task name -> generator ``fn(rng, n, length) -> (prompt ids (n, P), answer ids (n, A))``."""
 
