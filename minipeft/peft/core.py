@@ -101,6 +101,7 @@ class PeftModel(Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._originals: dict = {}
+        self._layers = None  # cached (path, PeftLayer) pairs; reset whenever surgery happens
         before = [(p, p.requires_grad, p.mask) for p in model.parameters()]
         model.requires_grad_(False)
         for p in model.parameters():
@@ -132,6 +133,7 @@ class PeftModel(Module):
                              f"{config.method} adapter (apply it to a fresh base instead)")
         if config.method == "selective" and self.peft_configs:
             raise ValueError("selective fine-tuning edits the base weights: one adapter only")
+        self._layers = None
         touched = config.apply(self.base_model, name, seed)
         if config.method == "selective":  # keep a host copy to undo (disable) the edit
             params = dict(self.base_model.named_parameters())
@@ -158,6 +160,7 @@ class PeftModel(Module):
             raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
         if self.method == "selective":
             raise ValueError("selective fine-tuning edits the base weights; it cannot be deleted")
+        self._layers = None
         for _, layer in peft_layers(self.base_model):
             if name in layer.adapter_names():
                 layer.delete(name)
@@ -205,6 +208,7 @@ class PeftModel(Module):
         for p in params.values():
             p.requires_grad, p.mask = False, None
         self.peft_configs, self.active_adapter, self._originals = {}, None, {}
+        self._layers = None
         return self.base_model
 
     def _tensors(self, name: str) -> dict:
@@ -220,7 +224,9 @@ class PeftModel(Module):
     def forward(self, ids, adapter_names=None, **kwargs):
         """Run the adapted model. ``adapter_names`` (one per row, None = base) runs a mixed
         batch in which each row uses its own adapter, for methods that support it (LoRA)."""
-        layers = peft_layers(self.base_model)
+        if self._layers is None:  # found once: walking every module per call costs latency
+            self._layers = peft_layers(self.base_model)
+        layers = self._layers
         for _, layer in layers:
             if layer.active is not None:
                 kwargs = layer.prepare_inputs(ids, kwargs)
