@@ -22,8 +22,8 @@ import numpy
 
 __all__ = [
     "xp", "np", "name", "use", "using", "available", "default_dtype", "set_default_dtype",
-    "asarray", "to_numpy", "broadcast_shapes", "is_array", "array_backend", "scatter_add", "host_rng",
-    "device_rng", "synchronize", "BackendError",
+    "asarray", "to_numpy", "broadcast_shapes", "is_array", "array_backend", "scatter_add",
+    "host_rng", "device_rng", "synchronize", "BackendError",
 ]
 
 

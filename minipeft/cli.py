@@ -1,6 +1,6 @@
 """The ``minipeft`` command: tour, pretrain, finetune, compare, params, bench.
 
-    minipeft tour                 # the main job: every method side by side, report in ./minipeft-out
+    minipeft tour                 # the main job: every method side by side, in ./minipeft-out
     minipeft pretrain             # train (or load) the cached base model and print its scores
     minipeft finetune --method lora --task sort --out adapters/sort
     minipeft compare --methods full,lora_r8_qv,prompt16 --seeds 0,1
@@ -82,8 +82,9 @@ def _cmd_tour(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minipeft.params import PRESETS
 
-    ap = argparse.ArgumentParser(prog="minipeft", description=__doc__.split("\n\n")[0],
-                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="minipeft", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("tour", help="run every method side by side and write a report",

@@ -62,7 +62,7 @@ def _fmt(mean, std) -> str:
 
 def summary_rows(records) -> list[list[str]]:
     rows = []
-    for method, recs in _by_method(records).items():
+    for recs in _by_method(records).values():
         rows.append([_fmt(*_agg([get(r) for r in recs])) for _, get in COLUMNS])
     return rows
 

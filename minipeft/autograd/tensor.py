@@ -110,7 +110,8 @@ class Tensor:
             if self.data.size != 1:
                 raise RuntimeError(
                     f"backward() on a non-scalar tensor of shape {self.shape} needs a seed "
-                    "gradient of the same shape: call .backward(grad) or reduce (e.g. .sum()) first")
+                    "gradient of the same shape: call .backward(grad) or reduce it "
+                    "(e.g. .sum()) first")
             grad = xp.ones_like(self.data)
         else:
             grad = grad.data if isinstance(grad, Tensor) else bk.asarray(grad, self.data.dtype)
