@@ -87,3 +87,269 @@ def test_02_tiny_transformer(lesson_out, tmp_path, monkeypatch):
         assert 1.9 < spec["mlp_over_attention"] < 2.1 and not spec["attention_is_majority"]
     fig = Path(m["figure"])
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="session")
+def shared_quick_cache(tmp_path_factory) -> Path:
+    """One clean base-model cache for the whole session: the quick base pretrains once."""
+    return tmp_path_factory.mktemp("minipeft_cache")
+
+
+def test_03_full_finetuning_memory(lesson_out):
+    m = run_lesson("03_full_finetuning_memory", "--quick", "--seed", "0")
+    grid = m["grid"]
+    # (a) W + G + O does not depend on B or T; activations scale with B (exactly) and T
+    state = [sum(r["measured"][c] for c in ("weights", "gradients", "optimizer")) for r in grid]
+    assert max(state) / min(state) - 1 < 1e-3         # a few bytes of Python objects aside
+    by = {(r["B"], r["T"]): r["measured"]["activations"] for r in grid}
+    (b0, b1), (t0, t1) = sorted({r["B"] for r in grid}), sorted({r["T"] for r in grid})
+    assert abs(by[(b1, t0)] / by[(b0, t0)] - b1 / b0) < 0.1
+    assert by[(b0, t1)] / by[(b0, t0)] >= 0.95 * t1 / t0
+    for r in grid:  # the graph walk predicts the allocator, the closed form predicts the walk
+        assert abs(r["measured"]["activations"] / r["predicted"]["activations"] - 1) < 0.1
+        assert abs(r["formula_activations"] / r["predicted"]["activations"] - 1) < 1e-3
+        assert r["predicted"]["peak"] >= r["measured"]["peak"]
+    # (b) per-layer credit adds up and every block is alike
+    walked = m["layers"]["walked"]
+    assert abs(sum(walked.values()) / grid[-1]["predicted"]["activations"] - 1) < 1e-9
+    assert len({v for k, v in walked.items() if k.startswith("blocks.")}) == 1
+    # (c) SEED-NOTES row 10: LoRA removes gradients + optimizer state, not activations
+    for r in m["lora"]:
+        lo, full = r["lora"]["measured"], r["full"]["measured"]
+        assert lo["gradients"] + lo["optimizer"] < 0.1 * (full["gradients"] + full["optimizer"])
+        assert lo["activations"] > 0.9 * full["activations"]
+    small, large = m["lora"]          # the larger the batch, the less LoRA saves
+    assert large["peak_change"] > small["peak_change"]
+    # (d) GPT-3 175B: ~10,000x fewer trainable; the published 350 GB is the 16-bit weights
+    pub = m["published"]
+    assert 8_000 < pub["fewer_params"] < 12_000
+    assert pub["closest"] == "all 16-bit (2+2+4 B)"
+    assert abs(pub["by_accounting"][pub["closest"]]["lora"] / 350e9 - 1) < 0.01
+    mixed = pub["by_accounting"]["mixed (2+2+12 B)"]
+    assert abs(mixed["full"] / (16 * m["real"]["gpt3-175b"]["params"]) - 1) < 1e-9
+    # (e) the flip: formula brackets the measured crossing; LoRA flips at a larger width
+    flip = m["flip"]
+    assert flip["check"]["agrees"] and flip["flip_full"] < flip["flip_lora"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_04_selective(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("04_selective", "--quick", "--seed", "0")
+    counts, mem = m["counts"], m["memory"]
+    # (a) masks train ~10% of every tensor; BitFit and LayerNorm-only a few percent at most
+    for name in ("mask_random", "mask_magnitude", "mask_gradient"):
+        assert abs(counts[name]["pct"] - 10) < 0.5
+    assert counts["bitfit"]["pct"] < 5 and counts["layernorm"]["pct"] < 5
+    # (b) SEED-NOTES row 2: 15-20% is a selective choice; on GPT-2 the last 3 blocks are one
+    band = m["band"]
+    assert band["agree"] and "last 3 blocks" in band["GPT-2 124M"]["inside"]
+    assert band["gpt2_lora_pct"] < 0.01
+    # (c) training moved the held-out loss for full fine-tuning
+    assert m["runs"]["full"]["best"]["loss"] < m["before"]["loss"]
+    # (d) every frozen or masked-out element is bit-identical; trainable ones moved
+    for name, r in m["frozen"].items():
+        assert r["frozen_changed"] == 0, name
+        assert r["trainable_changed"] > 0, name
+    # (e, f) SEED-NOTES row 6: a mask keeps the full gradient and optimizer state; whole-tensor
+    # choices do not
+    for name in ("mask_random", "mask_magnitude", "mask_gradient"):
+        assert mem[name]["gradients"] == mem["full"]["gradients"]
+        assert mem[name]["optimizer"] == mem["full"]["optimizer"]
+    assert mem["bitfit"]["gradients"] < 0.2 * mem["full"]["gradients"]
+    assert mem["last1"]["activations"] < mem["full"]["activations"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("10_low_rank_maths", "--quick", "--seed", "0")
+    # (1) Eckart-Young: the measured rank-r error is the tail energy at every rank
+    ey = m["eckart_young"]
+    assert ey["held"] and max(ey["max_abs_diff"].values()) < 1e-9
+    assert ey["energy8"]["pretrained"] > ey["energy8"]["random"]
+    # (2) the full fine-tune learnt; its update is steeper than noise; full rank reproduces it
+    base, ft = m["base_score"], m["ft_score"]
+    assert ft["loss"] < base["loss"]
+    assert m["spectra"]["mean_energy8"] > m["spectra"]["random_energy8"]
+    trunc = m["truncation"]
+    assert trunc["full_rank_matches"]
+    rows = trunc["rows"]
+    assert rows[max(rows)]["loss"] < rows[0]["loss"] and abs(rows[max(rows)]["kept"] - 1) < 1e-3
+    # (3) the trained LoRA learnt; the truncation is Frobenius-closer to ΔW (Eckart-Young)
+    lv = m["lora_vs_truncation"]
+    assert lv["rows"]["LoRA r=8 on q,v (trained)"]["loss"] < base["loss"]
+    assert all(f["trunc"] <= f["lora"] + 1e-9 for f in lv["frobenius"].values())
+    # (4) φ lies in [0, 1]; the random expectation is max(i, j) / d
+    sub, d = m["subspaces"], m["width"]
+    assert m["r_big"] == min(64, d // 2)
+    for t in sub["table"].values():
+        assert all(0.0 <= t[k] <= 1.0 + 1e-9 for k in ("phi11_big", "phi_r_big", "phi11_seed",
+                                                       "phi_rr_seed", "dW_phi11_big"))
+    assert sub["random"]["phi11"] == 1 / d and sub["random"]["phi_r_big"] == m["r_big"] / d
+    # (5) W's own top-r directions give the largest projection; factor = ||ΔW|| / projection
+    for a in m["amplification"]["rows"].values():
+        assert a["random_norm"] <= a["w_own_norm"] + 1e-9
+        assert a["proj_norm"] <= a["w_own_norm"] + 1e-9
+        assert abs(a["factor"] - a["delta_norm"] / a["proj_norm"]) < 1e-9 * a["factor"]
+    # (6) PiSSA: step 0 is the base model, s B A = truncate(W, r), and both curves start there
+    p = m["pissa"]
+    assert p["step0_ok"] and p["step0"]["default"] == 0.0
+    assert p["step0"]["ba_vs_truncate"] < 1e-5 and p["step0"]["residual"] < 1e-5
+    assert p["curve_default"][0] == p["curve_pissa"][0] == base["loss"]
+    assert p["curve_pissa"][-1] < base["loss"] and p["curve_default"][-1] < base["loss"]
+    for fig in map(Path, m["figures"].values()):
+        assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_09_forgetting(lesson_out):
+    m = run_lesson("09_forgetting", "--quick", "--seed", "0")
+    rows = {r["method"]: r for r in m["rows"]}
+    assert {"full", "lora_r8_qv", "prompt16"} <= set(rows)
+    for rec in m["records"]:  # forgetting is before minus after, per seed
+        assert rec.forgetting == pytest.approx(rec.a_em_before - rec.a_em_after)
+    for method, row in rows.items():  # the table's means are the seeds' means
+        recs = [r for r in m["records"] if r.method == method]
+        assert len(recs) == 2
+        assert row["forgetting"] == pytest.approx(
+            100 * sum(r.forgetting for r in recs) / len(recs))
+    assert "claim" in m["verdict"] and Path(m["figure"]).is_file()
+
+
+def test_11_tradeoffs(lesson_out):
+    m = run_lesson("11_tradeoffs", "--quick", "--seed", "0")
+    rows = {r["method"]: r for r in m["rows"]}
+    assert rows["full"]["trainable %"] == pytest.approx(100.0)
+    assert rows["full"]["step ms vs full"] == pytest.approx(1.0)
+    for name, row in rows.items():
+        rec = next(r for r in m["records"] if r.method == name)
+        assert row["peak step MB"] == pytest.approx(rec.memory["measured"]["peak_step"] / 2**20)
+        if name != "full":  # every PEFT method trains a small fraction
+            assert row["trainable %"] < 20
+    assert any(line.startswith("Row 13") for line in m["verdicts"])
+    assert Path(m["figure"]).is_file()
+
+
+def test_05_lora(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("05_lora", "--quick", "--seed", "0")
+    # (a) the layer is the formula, costs the factored FLOPs, and computes no dW0
+    maths = m["maths"]
+    assert maths["by_hand_max_abs_diff"] < 1e-4 and maths["merged_form_max_abs_diff"] < 1e-4
+    assert maths["flops_counted"] == maths["flops_factored"] < maths["flops_full"]
+    assert maths["weight_grad_matmuls"] == 2
+    # (b) B = 0 at init, so step 0 is the base model exactly
+    assert maths["B_zero_at_init"] and maths["step0_max_abs_diff"] == 0.0
+    # (c) formula == calculator == the model's own count, for every rank and target set
+    assert all(c["formula"] == c["calculator"] == c["model"] for c in m["counts"])
+    # (d) every run lowered the held-out loss; LoRA keeps far less gradient + optimizer state
+    runs = m["runs"]
+    for row in list(runs.values()) + list(m["alpha"].values()) + list(m["targets"].values()):
+        assert row["loss"] < m["before"]["loss"], row["label"]
+    for r in (1, 4, 16):
+        assert runs[f"r={r}"]["grad_opt_mib"] < runs["full"]["grad_opt_mib"]
+        assert runs[f"r={r}"]["trainable"] < runs["full"]["trainable"]
+    # (e) rank(s B A) <= r for every trained adapted matrix
+    assert m["ranks"]["rank_bound_held"]
+    for per in m["ranks"]["per_matrix"].values():
+        assert all(v <= r for r, v in per["lora"].items())
+    # (f) with Adam, a larger s = alpha/r moves ΔW further in the same steps
+    norms = [row["delta_norm"] for row in m["alpha"].values()]
+    assert norms == sorted(norms)
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_06_lora_task_switching(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("06_lora_task_switching", "--quick", "--seed", "0")
+    a, b = m["chosen"]
+    assert a != b and {a, b} <= set(m["candidates"])
+    # (b) SEED-NOTES row 4: each adapter is a small fraction of the base model on disk
+    sizes = m["sizes"]
+    for n in (a, b):
+        assert (Path(m["adapter_folder"]) / n / "adapter_model.safetensors").is_file()
+        assert sizes[n] < 0.2 * sizes["base"]
+    # (c) reloaded into one fresh base, both adapters reproduce the trained model exactly
+    assert all(v == 0.0 for v in m["reload_max_abs_diff"].values())
+    # (d) the best-learnt task is best served by its own adapter
+    acc = m["accuracy"][a]
+    assert acc[a] > acc[b] and acc[a] > acc["None"]
+    # (e) merged == unmerged within round-off; unmerge restores W0; no reload
+    for r in m["merge"].values():
+        assert r["max_abs_diff"] < 1e-3 and r["drift_after_unmerge"] < 1e-5
+    assert m["same_parameters"] and m["drift_after_cycles"] < 1e-4
+    # (f) a mixed batch equals each row alone, logits and generated tokens
+    assert m["mixed_max_abs_diff"] < 1e-4 and m["mixed_same_predictions"]
+    assert m["mixed_generation_identical"]
+    # (g) merged generation: the same tokens as unmerged, at exactly the base's FLOPs
+    flops = m["gen_flops"]
+    assert m["merged_same_tokens"] and flops["merged"] == flops["base"] < flops["unmerged"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_07_adapters(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("07_adapters", "--quick", "--seed", "0")
+    # (a) every adapter placement is matched to LoRA's trainable count; IA3 is far smaller
+    counts = m["counts"]
+    for name in ("houlsby", "pfeiffer", "parallel"):
+        assert abs(counts[name] / counts["lora"] - 1) < 0.05
+    assert counts["ia3"] < 0.2 * counts["lora"]
+    # (b) zero up-projection, B = 0, unit IA3 vectors: step 0 is exactly the base model
+    assert all(d == 0.0 for d in m["step0_diff"].values())
+    # (c) every method lowered the held-out loss; gradients + optimizer state are small next
+    #     to the activations (SEED-NOTES row 10 seen from the adapter side)
+    for r in m["runs"].values():
+        assert r["final"]["loss"] < r["before"]["loss"]
+    for mem in m["memory"].values():
+        assert mem["grad_opt_mib"] < mem["act_mib"] and mem["step_ms"] > 0
+    # (d) merged LoRA (wrapper or plain GPT) reproduces the unmerged model; every model timed
+    assert m["merge_diff"] < 1e-4 and m["plain_diff"] < 1e-4
+    assert {"base", "lora merged, plain GPT", "lora unmerged", "houlsby"} <= set(m["latency_ms"])
+    assert all(v > 0 for v in m["latency_ms"].values())
+    flops = m["gen_flops"]          # merged: exactly the base's matmuls; adapters: always more
+    assert flops["lora merged"] == flops["lora merged, plain GPT"] == flops["base"]
+    assert all(flops[n] > flops["base"] for n in ("houlsby", "pfeiffer", "parallel"))
+    assert flops["lora unmerged"] > flops["base"]
+    assert 0 < m["adapter_bytes"]["ia3"] < m["adapter_bytes"]["lora"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("08_soft_prompts", "--quick", "--seed", "0")
+    rows = m["rows"]
+    # (a) a prompt of n virtual tokens trains n x C numbers; the model is otherwise frozen
+    C = rows["vocab n=1"]["trainable"]
+    assert rows["vocab n=4"]["trainable"] == 4 * C and rows["vocab n=16"]["trainable"] == 16 * C
+    assert len(m["per_position"]) > 0 and all(0 <= a <= 1 for a in m["per_position"])
+    # (b) collapsing the prefix MLP changes no output and keeps only the table
+    c = m["collapse"]
+    assert c["max_logit_diff"] == 0.0 and c["same_tokens"]
+    assert c["kept"] < c["trained"] and c["bytes_table"] < c["bytes_mlp"]
+    # (c) retraining the embeddings learns the new marker (better than before training)
+    assert rows["embedding-only"]["token_acc"] > m["before_tok"]
+    # (d) every model timed; the extra positions are counted
+    assert all(v > 0 for v in m["forward_ms"].values()) and 0 <= m["noise"]
+    f = m["forward_flops"]          # counted: more positions, more matmul work
+    assert f["base"] == f["base (again)"] == f["embedding-only"]
+    assert f["base"] < f["prompt n=1"] < f["prompt n=4"] < f["prompt n=16"]
+    assert f["base"] < f["prefix n=4"] < f["prompt n=4"]
+    # (e) the language prompt: loss fell; random-init vectors match no word; a vocab init
+    #     starts exactly at a word; purities and the chance level are proper fractions
+    lang = m["language"]
+    for r in lang["runs"]:
+        assert sum(r["loss"][-5:]) < sum(r["loss"][:5])
+        assert 0 <= r["learned"]["purity"] <= 1 and 0 <= r["after"]["mention"] <= 1
+        if r["init"] == "random":
+            assert r["learned"]["max_cos"] < 0.99
+        else:
+            assert r["initial"]["max_cos"] > 0.999
+    assert len(lang["chance"]["purities"]) == 5 and 0 < lang["chance"]["mean"] <= 1
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
