@@ -34,8 +34,8 @@ def _check_params(params, who: str) -> list:
 
 class Optimizer:
     def __init__(self, params, lr: float, who: str):
-        if not lr > 0:
-            raise ValueError(f"{who}: lr must be > 0, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"{who}: lr must be > 0 and finite, got {lr}")
         self.params = _check_params(params, who)
         self.lr = lr
 
@@ -61,6 +61,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(params, lr, "SGD")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"SGD: weight_decay must be >= 0 and finite, got {weight_decay}")
         self.momentum, self.weight_decay = momentum, weight_decay
         self.state = [{} for _ in self.params]
 
@@ -84,6 +86,10 @@ class AdamW(Optimizer):
         super().__init__(params, lr, "AdamW")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must lie in [0, 1), got {betas}")
+        if not eps > 0:                 # eps = 0: a zero gradient gives m / sqrt(v) = 0 / 0
+            raise ValueError(f"AdamW: eps must be > 0, got {eps}")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"AdamW: weight_decay must be >= 0 and finite, got {weight_decay}")
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.t = 0
         xp = bk.xp

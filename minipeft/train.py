@@ -12,6 +12,7 @@ names the step, and the weights are left as they were after the last good step.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +49,15 @@ class TrainConfig:
         if self.steps < 0 or self.batch_size <= 0:
             raise ValueError(f"TrainConfig: steps must be >= 0 and batch_size > 0, got "
                              f"steps={self.steps}, batch_size={self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be > 0 and finite, got {self.lr}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0 and finite, "
+                             f"got {self.weight_decay}")
+        if self.warmup < 0:
+            raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', "
                              f"got {self.optimizer!r}")

@@ -20,6 +20,7 @@ def sample_next(logits, temperature: float, top_k: int | None, rng):
         return logits.argmax(axis=-1)
     z = logits / temperature
     if top_k is not None:
+        top_k = min(top_k, z.shape[-1])            # top_k >= V keeps every token
         kth = xp.sort(z, axis=-1)[:, -top_k][:, None]
         z = xp.where(z < kth, -xp.inf, z)
     z = z - z.max(axis=-1, keepdims=True)
@@ -40,7 +41,7 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
     """
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:                      # also refuses NaN
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"generate: top_k must be positive, got {top_k}")
@@ -49,6 +50,9 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
         use_cache = False  # an encoder's earlier positions see later tokens: no valid cache
     rng = bk.host_rng(seed)
     out = bk.asarray(ids)
+    if out.ndim != 2 or out.dtype.kind not in "iu":
+        raise ValueError(f"generate: ids must be a 2-D integer array (B, T), got shape "
+                         f"{tuple(out.shape)} and dtype {out.dtype}")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

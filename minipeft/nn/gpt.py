@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 from minipeft import backend as bk
 from minipeft.autograd import Tensor, broadcast_to, concatenate, linear
@@ -112,19 +113,49 @@ class GPT(Module):
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise ValueError(f"GPT: ids must be a 2-D integer array (B, T), got shape "
                              f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        if ids.shape[1] == 0:
+            raise ValueError(f"GPT: ids must hold at least one token per row, got shape "
+                             f"{tuple(ids.shape)}")
         V = self.config.vocab_size
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"GPT: token ids must lie in [0, {V}) (vocab_size), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return ids
 
+    def _check_extras(self, B: int, T: int, Tp: int, prompt, start_pos, mask) -> None:
+        """``start_pos``, ``prompt`` and ``mask`` must fit ids (B, T) and Tp past positions:
+        an error that names them, rather than a broadcasting error from deep inside an op."""
+        cfg = self.config
+        if isinstance(start_pos, bool) or not isinstance(start_pos, Integral) or start_pos < 0:
+            raise ValueError(f"GPT: start_pos must be an int >= 0, got {start_pos!r}")
+        P = 0
+        if prompt is not None:
+            shape = tuple(prompt.shape)
+            if len(shape) not in (2, 3) or shape[-1] != cfg.n_embd or \
+                    (len(shape) == 3 and shape[0] != B):
+                raise ValueError(f"GPT: prompt must have shape (P, {cfg.n_embd}) or ({B}, P, "
+                                 f"{cfg.n_embd}) (P vectors of width n_embd), got {shape}")
+            P = shape[-2]
+        if mask is not None:
+            m = mask.data if isinstance(mask, Tensor) else bk.asarray(mask)
+            full = (B, cfg.n_head, P + T, Tp + P + T)                # (B, H, Tq, Tk)
+            try:
+                fits = bk.broadcast_shapes(m.shape, full) == full
+            except ValueError:
+                fits = False
+            if m.dtype != bool or not fits:
+                raise ValueError(f"GPT: mask must be a boolean array that broadcasts to "
+                                 f"(B, H, Tq, Tk) = {full}, got shape {tuple(m.shape)} and "
+                                 f"dtype {m.dtype}")
+
     def hidden(self, ids, prompt=None, past=None, start_pos: int = 0, mask=None):
         """The final hidden states (B, T, C) of the real tokens, and the per-layer (k, v)."""
         cfg = self.config
         ids = self._check_ids(ids)
         B, T = ids.shape
-        P = 0 if prompt is None else prompt.shape[-2]
         Tp = 0 if past is None else past[0][0].shape[2]
+        self._check_extras(B, T, Tp, prompt, start_pos, mask)
+        P = 0 if prompt is None else prompt.shape[-2]
         if start_pos + T > cfg.block_size or Tp + P + T > cfg.block_size:
             raise ValueError(
                 f"GPT: sequence too long for block_size={cfg.block_size}: {T} tokens at "

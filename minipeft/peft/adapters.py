@@ -27,6 +27,7 @@ between the two projections, so the branch is no single matrix; inference pays f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from minipeft import backend as bk
@@ -68,6 +69,8 @@ class AdapterConfig(PeftConfig):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}, "
                              f"got {self.activation!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"AdapterConfig.scale must be a finite number, got {self.scale!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"AdapterConfig.placement must be one of {tuple(PLACEMENTS)}, "
                              f"got {self.placement!r}")

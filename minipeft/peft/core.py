@@ -20,6 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from minipeft import backend as bk
+from minipeft.autograd import Tensor
 from minipeft.io import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from minipeft.nn.module import Module
 
@@ -85,6 +86,12 @@ class PeftLayer(Module):
             self.active = None
 
 
+def _check_config(config) -> None:
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"get_peft_model needs a PEFT config (LoraConfig, SelectiveConfig, "
+                        f"...), got {type(config).__name__}")
+
+
 def peft_layers(model: Module):
     """(path, layer) for every PeftLayer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLayer)]
@@ -94,9 +101,10 @@ class PeftModel(Module):
     """A frozen base model plus one or more named adapters of one method."""
 
     def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0):
-        if not isinstance(config, PeftConfig):
-            raise TypeError(f"get_peft_model needs a PEFT config (LoraConfig, SelectiveConfig, "
-                            f"...), got {type(config).__name__}")
+        if not isinstance(model, Module):
+            raise TypeError(f"get_peft_model needs a model (a minipeft Module such as GPT), "
+                            f"got {type(model).__name__}")
+        _check_config(config)
         self.base_model = model
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
@@ -124,6 +132,7 @@ class PeftModel(Module):
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter of this model's method and make it the active one."""
+        _check_config(config)
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"adapter name must be an identifier, got {name!r}")
         if name in self.peft_configs:
@@ -195,13 +204,7 @@ class PeftModel(Module):
         if any(getattr(m, "merged", False) for _, m in peft_layers(self.base_model)):
             self.unmerge()
         for path, layer in reversed(peft_layers(self.base_model)):
-            parent_name, _, leaf = path.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name)
-            base = getattr(layer, "base", None)
-            if isinstance(base, Module):
-                setattr(parent, leaf, base)
-            else:
-                delattr(parent, leaf)
+            self._detach(path, layer)
         params = dict(self.base_model.named_parameters())
         for k, orig in self._originals.items():
             params[k].data = bk.asarray(orig)
@@ -210,6 +213,39 @@ class PeftModel(Module):
         self.peft_configs, self.active_adapter, self._originals = {}, None, {}
         self._layers = None
         return self.base_model
+
+    def _detach(self, path: str, layer) -> None:
+        """Take one PeftLayer out: put back the module it wraps, or remove an added one."""
+        parent_name, _, leaf = path.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name)
+        base = getattr(layer, "base", None)
+        if isinstance(base, Module):
+            setattr(parent, leaf, base)
+        else:
+            delattr(parent, leaf)
+
+    @contextmanager
+    def _all_or_nothing(self, name: str):
+        """If the block raises, undo what it did while adding adapter ``name``: layers it
+        wrapped or added, the adapter itself, base weights it rewrote (PiSSA), trainability
+        flags and the active adapter. The model is then exactly as before the block."""
+        layers = {id(m) for _, m in peft_layers(self.base_model)}
+        params = [(p, p.data, p.requires_grad, p.mask) for p in self.parameters()]
+        active = self.active_adapter
+        try:
+            yield
+        except BaseException:
+            for path, layer in reversed(peft_layers(self.base_model)):
+                if id(layer) not in layers:
+                    self._detach(path, layer)
+                elif name in layer.adapter_names():
+                    layer.delete(name)
+            self.peft_configs.pop(name, None)
+            self._layers = None
+            self.set_adapter(active)
+            for p, data, flag, mask in params:
+                p.data, p.requires_grad, p.mask = data, flag, mask
+            raise
 
     def _tensors(self, name: str) -> dict:
         """Full name -> Parameter of adapter ``name``'s tensors."""
@@ -227,6 +263,8 @@ class PeftModel(Module):
         if self._layers is None:  # found once: walking every module per call costs latency
             self._layers = peft_layers(self.base_model)
         layers = self._layers
+        if not isinstance(ids, Tensor):         # lists too: prepare_inputs reads ids.shape
+            ids = bk.asarray(ids)
         for _, layer in layers:
             if layer.active is not None:
                 kwargs = layer.prepare_inputs(ids, kwargs)
@@ -274,6 +312,8 @@ class PeftModel(Module):
     def adapter_state(self, name: str | None = None) -> dict:
         """What ``save_adapter`` writes: name -> array, only the method's tensors."""
         name = name or self.active_adapter
+        if name not in self.peft_configs:
+            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
         if self.method == "selective":
             return self.peft_configs[name].adapter_state(self.base_model)
         return {k: p.data for k, p in self._tensors(name).items()}
@@ -283,6 +323,9 @@ class PeftModel(Module):
         name = name or self.active_adapter
         if name is None:
             raise ValueError("save_adapter: no active adapter; name one")
+        if name not in self.peft_configs:
+            raise ValueError(f"save_adapter: no adapter named {name!r}; "
+                             f"have {sorted(self.peft_configs)}")
         cfg = self.peft_configs[name]
         meta = {"method": cfg.method, "config": cfg.to_dict(),
                 "base_config": self.config.to_dict()}
@@ -292,8 +335,9 @@ class PeftModel(Module):
         return size + (folder / ADAPTER_CONFIG).stat().st_size
 
     def load_adapter(self, folder, name: str = "default", seed: int = 0) -> None:
-        """Add the adapter saved in ``folder`` under ``name`` and activate it. Everything is
-        checked before the model changes: method, base config, tensor names and shapes."""
+        """Add the adapter saved in ``folder`` under ``name`` and activate it. The file, its
+        method and base config are checked first; tensor names and shapes once the adapter's
+        layers exist, and a mismatch undoes everything: a bad file leaves the model as it was."""
         cfg, tensors = read_adapter(folder, self.base_model)
         if cfg.method != self.method:
             raise CheckpointError(f"{folder}: holds a {cfg.method!r} adapter but this "
@@ -303,12 +347,9 @@ class PeftModel(Module):
             return
         if name in self.peft_configs:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first")
-        self.add_adapter(name, cfg, seed)
-        try:
+        with self._all_or_nothing(name):
+            self.add_adapter(name, cfg, seed)
             self._fill(name, tensors, folder)
-        except Exception:
-            self.delete_adapter(name)
-            raise
 
     def _fill(self, name: str, tensors: dict, folder) -> None:
         """Copy saved tensors into adapter ``name``, after checking names and shapes."""
@@ -379,6 +420,10 @@ def read_adapter(folder, model) -> tuple[PeftConfig, dict]:
     CheckpointError for a missing, corrupted, foreign or mismatched file."""
     folder = Path(folder)
     meta = load_json(folder / ADAPTER_CONFIG)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
+            not isinstance(meta.get("base_config", {}), dict):
+        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is not an adapter config (a JSON "
+                              "object with 'method', 'config' and 'base_config')")
     tensors, file_meta = load_tensors(folder / ADAPTER_WEIGHTS)
     if file_meta != meta:
         raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
@@ -389,16 +434,26 @@ def read_adapter(folder, model) -> tuple[PeftConfig, dict]:
         raise CheckpointError(f"{folder}: adapter was trained on another base model; "
                               f"differences (this base, adapter's base): {diff}")
     method = meta.get("method")
-    if method not in CONFIG_CLASSES:
+    if not isinstance(method, str) or method not in CONFIG_CLASSES:
         raise CheckpointError(f"{folder}: unknown PEFT method {method!r}; known: "
                               f"{sorted(CONFIG_CLASSES)}")
-    return CONFIG_CLASSES[method].from_dict(meta["config"]), tensors
+    try:
+        config = CONFIG_CLASSES[method].from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:       # unknown fields, or values the config refuses
+        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} holds no valid {method} config: "
+                              f"{exc}") from None
+    bad = sorted(k for k, v in tensors.items()
+                 if v.dtype.kind in "fc" and not bool(bk.np.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{folder}: tensors {bad} hold NaN or inf values")
+    return config, tensors
 
 
 def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
     """Apply the adapter saved in ``folder`` to a plain base ``model``; the method is read from
     the file. Everything is checked first, so a bad file leaves the model unchanged."""
     config, tensors = read_adapter(folder, model)
+    before = [(p, p.data, p.requires_grad, p.mask) for p in model.parameters()]
     peft = PeftModel(model, config, adapter_name)
     try:
         if config.method == "selective":
@@ -407,5 +462,7 @@ def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
             peft._fill(adapter_name, tensors, folder)
     except Exception:
         peft.unload()
+        for p, data, flag, mask in before:    # unload freezes all; PiSSA rewrote weights
+            p.data, p.requires_grad, p.mask = data, flag, mask
         raise
     return peft

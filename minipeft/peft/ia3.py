@@ -45,8 +45,10 @@ class IA3Config(PeftConfig):
     mergeable = True
 
     def __post_init__(self):
+        tm = self.target_modules                      # one name, as LoraConfig accepts
+        object.__setattr__(self, "target_modules", (tm,) if isinstance(tm, str) else tuple(tm))
         bad = [t for t in self.target_modules if t not in TARGETS]
-        if bad or not self.target_modules or isinstance(self.target_modules, str):
+        if bad or not self.target_modules:
             raise ValueError(f"IA3Config.target_modules: unknown {bad or self.target_modules!r}; "
                              f"choose from {tuple(TARGETS)}")
 
@@ -115,6 +117,9 @@ class IA3Linear(PeftLayer):
             raise ValueError(f"IA3 merge refused: adapter {self.active!r} has zero or non-finite "
                              f"entries in its scale vector of shape {l.shape}; merging would "
                              "destroy the base weights (they were left unchanged)")
+        w, b = self._folded(l, divide=False)     # checked here, so no layer merges before it
+        if not (bool(bk.xp.isfinite(w).all()) and (b is None or bool(bk.xp.isfinite(b).all()))):
+            raise ValueError("IA3 merge: W * l overflows; the base weights were left unchanged")
 
     def merge(self) -> None:
         """W' = W * l[:, None], b' = l * b (output-scaled) or W' = W * l[None, :]. Idempotent."""
@@ -122,8 +127,6 @@ class IA3Linear(PeftLayer):
         if self.active is None or self.merged_adapter == self.active:
             return
         w, b = self._folded(getattr(self.adapters, self.active).l.data, divide=False)
-        if not (bool(bk.xp.isfinite(w).all()) and (b is None or bool(bk.xp.isfinite(b).all()))):
-            raise ValueError("IA3 merge: W * l overflows; the base weights were left unchanged")
         self._set(w, b)
         self.merged_adapter = self.active
 

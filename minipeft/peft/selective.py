@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from minipeft import backend as bk
 from minipeft.io import CheckpointError
+from minipeft.peft.adapters import check_layers
 from minipeft.peft.core import PeftConfig
 
 COMPONENTS = ("attention", "mlp", "norms", "embeddings", "head")
@@ -65,7 +66,10 @@ class SelectiveConfig(PeftConfig):
     method = "selective"
 
     def __post_init__(self):
-        comps = tuple(self.components)
+        for name in ("components", "param_types"):   # one name, as LoraConfig accepts
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        comps = self.components
         bad = [c for c in comps if c not in COMPONENTS + ("all",)]
         if bad or not comps:
             raise ValueError(f"SelectiveConfig.components: unknown {bad or comps}; "
@@ -79,8 +83,9 @@ class SelectiveConfig(PeftConfig):
         if not 0.0 < self.mask_fraction <= 1.0:
             raise ValueError(f"SelectiveConfig.mask_fraction must be in (0, 1], "
                              f"got {self.mask_fraction}")
-        if self.last_k is not None and self.last_k <= 0:
-            raise ValueError(f"SelectiveConfig.last_k must be positive, got {self.last_k}")
+        if self.last_k is not None and (isinstance(self.last_k, bool) or
+                                        not isinstance(self.last_k, int) or self.last_k <= 0):
+            raise ValueError(f"SelectiveConfig.last_k must be a positive int, got {self.last_k!r}")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -94,6 +99,8 @@ class SelectiveConfig(PeftConfig):
         layers = self.layers
         if self.last_k is not None:
             layers = tuple(range(max(n_layer - self.last_k, 0), n_layer))
+        elif layers is not None:                      # else a wrong index selects silently less
+            layers = tuple(check_layers(layers, n_layer, "SelectiveConfig"))
         comps = COMPONENTS if "all" in self.components else self.components
         names = []
         for name, _ in model.named_parameters():
