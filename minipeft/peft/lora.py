@@ -93,7 +93,7 @@ class LoraConfig(PeftConfig):
             object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer (the rank), got {self.r!r}")
-        if not self.alpha > 0:
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"LoraConfig.alpha must be > 0 (the scale is alpha/r), "
                              f"got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -302,8 +302,9 @@ class _LoRALayer(PeftLayer):
         return self._to_layout(f.scale * (f.B.data @ f.A.data))    # (out, r) @ (r, in)
 
     def check_merge(self) -> None:
-        """Raise ValueError if ``merge()`` would refuse: another adapter is merged, or the
-        active one holds NaN or inf (PeftModel checks every layer before merging any)."""
+        """Raise ValueError if ``merge()`` would refuse: another adapter is merged, the
+        active one holds NaN or inf, or ``W + s B A`` overflows (PeftModel checks every layer
+        before merging any)."""
         if self.active is None or self.merged_adapter == self.active:
             return
         if self.merged:
@@ -314,6 +315,11 @@ class _LoRALayer(PeftLayer):
             if not bool(bk.xp.isfinite(t.data).all()):
                 raise ValueError(f"merge: adapter {self.active!r} has non-finite values in "
                                  f"{label}; the base weights were left unchanged")
+        if not bool(bk.xp.isfinite(self._merged_weight()).all()):
+            raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
+
+    def _merged_weight(self):
+        return self.base.weight.data + self.delta_weight(self.active)
 
     def merge(self) -> None:
         """W <- W + s B A for the active adapter. Idempotent. Refuses (ValueError, W unchanged)
@@ -321,9 +327,7 @@ class _LoRALayer(PeftLayer):
         self.check_merge()
         if self.active is None or self.merged_adapter == self.active:
             return
-        W = self.base.weight.data + self.delta_weight(self.active)
-        if not bool(bk.xp.isfinite(W).all()):
-            raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
+        W = self._merged_weight()                                   # finite: checked above
         self.base.weight.data = W.astype(self.base.weight.dtype)
         self.merged_adapter = self.active
 
@@ -348,8 +352,8 @@ class LoRALinear(_LoRALayer):
 
     def _delta(self, name: str, x):
         f = self.factors(name)
-        h = linear(f.drop(x), f.A)                                  # (..., in) -> (..., r)
-        return linear(h, f.B) * f.scale                             # (..., r) -> (..., out)
+        h = linear(f.drop(x), f.A) * f.scale                        # (..., in) -> (..., r)
+        return linear(h, f.B)                                       # (..., r) -> (..., out)
 
     def forward(self, x):
         y = self.base(x)                                            # (..., out)
@@ -383,8 +387,8 @@ class LoRAEmbedding(_LoRALayer):
 
     def _delta(self, name: str, ids):
         f = self.factors(name)
-        h = embedding(transpose(f.A), ids)                          # (V, r) lookup -> (..., r)
-        return linear(h, f.B) * f.scale                             # (..., r) -> (..., C)
+        h = embedding(transpose(f.A), ids) * f.scale                # (V, r) lookup -> (..., r)
+        return linear(h, f.B)                                       # (..., r) -> (..., C)
 
     def forward(self, ids):
         ids = ids.data if isinstance(ids, Tensor) else bk.asarray(ids)
