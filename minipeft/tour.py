@@ -22,7 +22,9 @@ NOTES = ("Base model pretrained on task A (the skills listed in the table's 'tas
          "each method then trains on task B for the same number of steps and tokens, from the "
          "same base, with its own learning rate. Forgetting is measured on held-out task-A "
          "examples with the adapter active (merged where mergeable). Soft prompts can only steer "
-         "skills the frozen model already has, so they are not expected to learn a new task B.")
+         "skills the frozen model already has, so they are not expected to learn a new task B. "
+         "A method that learns little of task B has not 'forgotten less' for it: compare the "
+         "'A EM at matched B' column, filled only where task B reached the match level.")
 
 
 def tour(out_dir="minipeft-out", quick: bool = False, seed: int = 0, log=print) -> dict:
