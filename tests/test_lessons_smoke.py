@@ -155,8 +155,10 @@ def test_04_selective(lesson_out, shared_quick_cache, monkeypatch):
     # (e, f) SEED-NOTES row 6: a mask keeps the full gradient and optimizer state; whole-tensor
     # choices do not
     for name in ("mask_random", "mask_magnitude", "mask_gradient"):
-        assert mem[name]["gradients"] == mem["full"]["gradients"]
-        assert mem[name]["optimizer"] == mem["full"]["optimizer"]
+        # predicted from the graph: exact; measured by tracemalloc: within its few bytes of noise
+        assert mem[name]["predicted_gradients"] == mem["full"]["predicted_gradients"]
+        assert mem[name]["gradients"] == pytest.approx(mem["full"]["gradients"], rel=0.01)
+        assert mem[name]["optimizer"] == pytest.approx(mem["full"]["optimizer"], rel=0.01)
     assert mem["bitfit"]["gradients"] < 0.2 * mem["full"]["gradients"]
     assert mem["last1"]["activations"] < mem["full"]["activations"]
     fig = Path(m["figure"])
