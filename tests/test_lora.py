@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from minipeft import backend as bk
-from minipeft.autograd import Tensor, counters, gradcheck, no_grad
+from minipeft.autograd import Tensor, counters, gradcheck, linear, no_grad
 from minipeft.io import CheckpointError
 from minipeft.lowrank import truncate
 from minipeft.nn import GPT, GPTConfig, Linear
@@ -30,6 +30,7 @@ from minipeft.peft import (
     get_peft_model,
 )
 from minipeft.peft.core import ADAPTER_WEIGHTS
+from minipeft.peft.lora import lora_linear
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
 host = bk.to_numpy
@@ -197,6 +198,47 @@ def test_gradcheck_through_lora_linear(backend, float64):
     x = Tensor(bk.asarray(np.random.default_rng(0).normal(size=(2, 3, 5))), requires_grad=True)
     gradcheck(lambda x, A, B: layer(x), [x, f.A, f.B])
     assert layer.base.weight.grad is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_of_the_fused_op_with_every_input_trainable(backend, float64, bias):
+    rng = np.random.default_rng(3)
+    t = lambda *shape: Tensor(bk.asarray(rng.normal(size=shape)), requires_grad=True)
+    x, W, A, B, b = t(2, 3, 5), t(4, 5), t(3, 5), t(4, 3), t(4)
+    gradcheck(lambda x, W, A, B, *b: lora_linear(x, W, b[0] if b else None, A, B, 0.7),
+              [x, W, A, B, b] if bias else [x, W, A, B])
+
+
+def test_fused_op_equals_the_three_op_composition(backend, float64):
+    """A second code path: base linear + (s x Aᵀ) Bᵀ as separate ops, same values and grads."""
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(size=s) for s in ((2, 3, 5), (4, 5), (4,), (3, 5), (4, 3))]
+    g = bk.asarray(rng.normal(size=(2, 3, 4)))
+    results = []
+    for fused in (True, False):
+        x, W, b, A, B = [Tensor(bk.asarray(a), requires_grad=True) for a in arrays]
+        W.requires_grad = False                                     # frozen, as in LoRA
+        y = (lora_linear(x, W, b, A, B, 0.7) if fused
+             else linear(x, W, b) + linear(linear(x, A) * 0.7, B))
+        y.backward(g)
+        results.append([host(y.data)] + [host(t.grad) for t in (x, b, A, B)])
+        assert W.grad is None
+    for fused_value, composed_value in zip(*results):
+        assert np.allclose(fused_value, composed_value, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_step_saves_no_more_activation_bytes_than_full_ft_plus_rank_r(backend):
+    """The fused op keeps no (…, out) arrays beyond the base model's: LoRA's predicted
+    activations exceed full FT's by at most the thin h = s x Aᵀ per adapted layer."""
+    from minipeft.memory import measure_step
+
+    ids = ids_batch()
+    x, y = ids[:, :-1], ids[:, 1:]
+    full = measure_step(GPT(CFG), x, y).predicted["activations"]
+    pm = get_peft_model(GPT(CFG), LoraConfig(r=2, target_modules=("q_proj", "v_proj")))
+    lora = measure_step(pm, x, y).predicted["activations"]
+    thin = len(lora_layers(pm)) * x.size * 2 * bk.np.dtype(bk.default_dtype()).itemsize
+    assert lora <= full + thin
 
 
 def test_gradcheck_through_mixed_batch(backend, float64):

@@ -53,6 +53,12 @@ dot does not count), when ``re.fullmatch(target, path)`` succeeds
 (e.g. ``r"blocks\\.[01]\\..*_proj"``).
 ``layers`` then keeps only modules inside the listed blocks. ``target_embedding=True`` also adapts
 the token embedding ``tok_emb`` (see ``LoRAEmbedding``).
+
+Memory. Written as three ops (base linear, LoRA term, sum), the graph would keep two extra
+``(…, out)`` arrays per adapted layer alive until backward, so a LoRA step could need *more*
+activation memory than full fine-tuning. ``lora_linear`` computes the sum in one op that saves
+only ``x`` (already saved for others) and the thin ``h = s x Aᵀ``: LoRA's activations then match
+the base model's, plus ``r`` numbers per token per layer.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ import re
 from dataclasses import dataclass
 
 from minipeft import backend as bk
-from minipeft.autograd import Tensor, concatenate, embedding, linear, matmul, transpose
+from minipeft.autograd import Tensor, concatenate, counters, embedding, linear, matmul, transpose
 from minipeft.lowrank import pissa_init
 from minipeft.nn.layers import Dropout, Embedding, Linear
 from minipeft.nn.module import Module, Parameter
@@ -198,6 +204,63 @@ def _candidates(model) -> dict:
         if isinstance(m, (Linear, _LoRALayer)) or (path == "tok_emb" and isinstance(m, Embedding)):
             out[path] = m
     return out
+
+
+# ============================================================================ the fused op
+def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
+                s: float) -> Tensor:
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ in one op (no dropout). With N tokens, g = dL/dy (N, out),
+    h = s x Aᵀ (N, r) and gB = g B (N, r)::
+
+        dx = g W + s gB A        dW = gᵀ x  (only if W trains)      db = sum_N g
+        dB = gᵀ h                dA = s gBᵀ x
+
+    Saves x and h; the frozen W's gradient product is skipped, as in ``linear``.
+    """
+    parents = (x, W, A, B) if b is None else (x, W, A, B, b)
+    n_out, n_in = W.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"lora_linear: input has {x.shape[-1]} features (shape {x.shape}) but "
+                         f"the weight of shape {W.shape} expects {n_in}")
+    lead, r = x.shape[:-1], A.shape[0]
+    x2 = x.data.reshape(-1, n_in)                                   # (N, in)
+    h = x2 @ A.data.T                                               # (N, r)
+    h *= s
+    y = x2 @ W.data.T                                               # (N, out)
+    y += h @ B.data.T
+    if b is not None:
+        y += b.data
+    N = x2.shape[0]
+    flops = {"W": 2 * N * n_in * n_out, "A": 2 * N * n_in * r, "B": 2 * N * r * n_out}
+    counters["matmul_flops"] += sum(flops.values())
+
+    def backward(g):
+        g2 = g.reshape(-1, n_out)                                   # (N, out)
+        dx = dW = dA = dB = db = None
+        if x.requires_grad or A.requires_grad:
+            gB = g2 @ B.data                                        # (N, r)
+            counters["matmul_flops"] += flops["B"]
+        if x.requires_grad:
+            counters["matmul_flops"] += flops["W"] + flops["A"]
+            dx = g2 @ W.data                                        # (N, in)
+            dx += (s * gB) @ A.data
+            dx = dx.reshape(*lead, n_in)
+        if W.requires_grad:
+            counters["weight_grad_matmul"] += 1
+            counters["matmul_flops"] += flops["W"]
+            dW = g2.T @ x2                                          # (out, in)
+        if A.requires_grad:
+            counters["weight_grad_matmul"] += 1
+            counters["matmul_flops"] += flops["A"]
+            dA = (s * gB).T @ x2                                    # (r, in)
+        if B.requires_grad:
+            counters["weight_grad_matmul"] += 1
+            counters["matmul_flops"] += flops["B"]
+            dB = g2.T @ h                                           # (out, r)
+        if b is not None and b.requires_grad:
+            db = g2.sum(axis=0)
+        return (dx, dW, dA, dB) if b is None else (dx, dW, dA, dB, db)
+    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "lora_linear")
 
 
 # ============================================================================ the layers
@@ -356,6 +419,10 @@ class LoRALinear(_LoRALayer):
         return linear(h, f.B)                                       # (..., r) -> (..., out)
 
     def forward(self, x):
+        if self.row_adapters is None and not self.merged and self.active is not None:
+            f = self.factors(self.active)
+            if f.drop.p == 0.0 or not self.training:                # the common case: one op
+                return lora_linear(x, self.base.weight, self.base.bias, f.A, f.B, f.scale)
         y = self.base(x)                                            # (..., out)
         d = self._update(x, x.shape[:-1])
         return y if d is None else y + d
