@@ -4,7 +4,8 @@
 2. Training steps (forward + backward + AdamW; median of several after warm-up) for configs S
    and M and the methods full FT, LoRA r=8 on q/v, prompt tuning (16 virtual tokens), Houlsby
    adapters and BitFit: step ms, tokens/s, model FLOP/s (the FLOPs of the matmuls actually
-   executed, counted by the ops themselves) as a fraction of the peak, and peak memory.
+   executed, counted by the ops themselves) as a fraction of the peak, and the peak memory of
+   training (weights, gradients, optimizer state and activations together).
 3. Inference: KV-cached generation of 128 tokens with the base model vs the merged LoRA model.
 
 Timings are ratios within one run: the machines are shared and noisy, so compare rows, not runs.
@@ -99,7 +100,9 @@ def build(cfg: BenchConfig, method: str, peft_cfg):
     return peft, real_tokens
 
 
-def bench_step(cfg: BenchConfig, method: str, peft_cfg, steps: int, peak: float) -> dict:
+def make_step(cfg: BenchConfig, method: str, peft_cfg):
+    """A model of ``cfg`` with ``method``, one fixed batch, and a closure doing one training
+    step (zero_grad, forward, backward, AdamW). Returns (step, model, tokens per step)."""
     model, T = build(cfg, method, peft_cfg)
     rng = bk.host_rng(1)
     x = bk.asarray(rng.integers(0, cfg.vocab_size, (cfg.batch_size, T)))
@@ -110,38 +113,57 @@ def bench_step(cfg: BenchConfig, method: str, peft_cfg, steps: int, peak: float)
         opt.zero_grad()
         model.loss(x, y).backward()
         opt.step()
-
-    step()
-    step()
-    counters.clear()
-    step()
-    flops = counters["matmul_flops"]
-    times = _timed(step, steps)
-    ms = statistics.median(times) * 1e3
-    memory = _peak_step_bytes(step)
-    trainable = model.num_parameters(trainable_only=True)
-    total = model.num_parameters()
-    return {"config": cfg.name, "method": method, "step_ms": ms,
-            "tokens_per_s": cfg.batch_size * T / (ms / 1e3), "tokens_per_step": cfg.batch_size * T,
-            "gflop_per_step": flops / 1e9, "gflops": flops / (ms / 1e3) / 1e9,
-            "fraction_of_peak": flops / (ms / 1e3) / 1e9 / peak,
-            "peak_step_mb": memory / 2**20, "trainable": trainable,
-            "trainable_pct": 100 * trainable / total}
+    return step, model, cfg.batch_size * T
 
 
-def _peak_step_bytes(step) -> int:
-    """Peak bytes allocated above the baseline during one step (tracemalloc / CuPy pool)."""
+def bench_steps(cfg: BenchConfig, methods: dict, steps: int, peak: float) -> list[dict]:
+    """Time every method's training step on ``cfg``, the methods taking turns step by step
+    (a shared machine's speed drifts over a run; taking turns makes the drift hit all alike)."""
+    built = {m: make_step(cfg, m, c) for m, c in methods.items()}
+    flops = {}
+    for m, (step, _, _) in built.items():
+        step()                                     # warm-up; AdamW creates its state
+        counters.clear()
+        step()
+        flops[m] = counters["matmul_flops"]        # the matmuls this method really executed
+    times = {m: [] for m in built}
+    for _ in range(steps):
+        for m, (step, _, _) in built.items():
+            times[m] += _timed(step, 1)
+    rows = []
+    for m, (_, model, tokens) in built.items():
+        ms = statistics.median(times[m]) * 1e3
+        trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+        rows.append({"config": cfg.name, "method": m, "step_ms": ms,
+                     "tokens_per_s": tokens / (ms / 1e3), "tokens_per_step": tokens,
+                     "gflop_per_step": flops[m] / 1e9, "gflops": flops[m] / (ms / 1e3) / 1e9,
+                     "fraction_of_peak": flops[m] / (ms / 1e3) / 1e9 / peak,
+                     "peak_train_mb": training_peak_bytes(cfg, m, methods[m]) / 2**20,
+                     "trainable": trainable, "trainable_pct": 100 * trainable / total})
+    del built
+    return rows
+
+
+def training_peak_bytes(cfg: BenchConfig, method: str, peft_cfg) -> int:
+    """Peak bytes held while training: weights, gradients, optimizer state and activations,
+    all of them. Traced from before the model exists through two steps (the first creates
+    AdamW's m and v), so memory that persists between steps counts too (tracemalloc on NumPy,
+    the CuPy pool's high-water mark on a GPU)."""
     if bk.name == "cupy":
         pool = bk.xp.get_default_memory_pool()
         bk.synchronize()
-        base = pool.used_bytes()
+        pool.free_all_blocks()
+        base = pool.total_bytes()
+        step, _, _ = make_step(cfg, method, peft_cfg)
+        step()
         step()
         bk.synchronize()
         return max(pool.total_bytes() - base, 0)
     tracemalloc.start()
     try:
-        tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
+        step, _, _ = make_step(cfg, method, peft_cfg)
+        step()
         step()
         return tracemalloc.get_traced_memory()[1] - base
     finally:
@@ -189,12 +211,12 @@ def run(configs=("S", "M"), methods=None, steps: int = 10, gen_tokens: int = 128
         peak = matmul_peak(cfg)
         report["peaks_gflops"][name] = peak
         print(f"[{name}] float32 matmul peak at the model's shapes: {peak:.1f} GFLOP/s", file=out)
-        for m in methods:
-            row = bench_step(cfg, m, all_methods[m], steps, peak)
+        for row in bench_steps(cfg, {m: all_methods[m] for m in methods}, steps, peak):
+            m = row["method"]
             report["steps"].append(row)
             print(f"  {m:<11} {row['step_ms']:8.1f} ms/step  {row['tokens_per_s']:9.0f} tok/s  "
                   f"{row['gflops']:6.1f} GFLOP/s ({row['fraction_of_peak']:.0%} of peak)  "
-                  f"peak step mem {row['peak_step_mb']:7.1f} MB", file=out, flush=True)
+                  f"peak training mem {row['peak_train_mb']:7.1f} MB", file=out, flush=True)
         gen = bench_generation(cfg, gen_tokens, gen_repeats)
         report["generation"].append(gen)
         print(f"  generate {gen['new_tokens']} tokens (KV cache): base {gen['base_ms']:.1f} ms, "
@@ -210,12 +232,12 @@ def run(configs=("S", "M"), methods=None, steps: int = 10, gen_tokens: int = 128
 
 def summary_table(report: dict) -> str:
     lines = ["| config | method | trainable % | ms/step | x full | tokens/s | GFLOP/s | % peak "
-             "| peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| peak train MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["steps"]:
         vs = f"{r['step_vs_full']:.2f}" if r.get("step_vs_full") else "-"
         lines.append(f"| {r['config']} | {r['method']} | {r['trainable_pct']:.2f} | "
                      f"{r['step_ms']:.1f} | {vs} | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
-                     f"{100 * r['fraction_of_peak']:.0f} | {r['peak_step_mb']:.1f} |")
+                     f"{100 * r['fraction_of_peak']:.0f} | {r['peak_train_mb']:.1f} |")
     return "\n".join(lines)
 
 
