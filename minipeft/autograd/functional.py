@@ -286,6 +286,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     With S the scaled scores and g = dL/dout:
         dV = P^T g,   dP = g V^T,   dS = P * (dP - rowsum(dP * P)),
         dQ = dS K * scale,   dK = dS^T Q * scale.
+    Two savings on the (Tq, Tk) arrays, which dominate the cost: the scale multiplies q (D
+    columns, not Tk) and dQ, dK; and rowsum(dP * P) = rowsum(g * out), since
+    sum_k (g . v_k) P_qk = g . (sum_k P_qk v_k) = g . out_q (FlashAttention's "D" term).
     """
     xp = bk.xp
     _check_same_backend("attention", q, k, v)
@@ -294,10 +297,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
                          f"{q.shape}, {k.shape}, {v.shape}")
     Tq, Tk = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = q.data @ k.data.swapaxes(-1, -2)                            # (B, H, Tq, Tk)
+    s = (q.data * scale) @ k.data.swapaxes(-1, -2)                  # (B, H, Tq, Tk)
     flops = 2 * s.size * q.shape[-1]                                # one product's FLOPs
     counters["matmul_flops"] += 2 * flops                           # q k^T and P v
-    s *= scale
     if causal:
         s += causal_bias(Tq, Tk, s.dtype)
     if mask is not None:
@@ -317,12 +319,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
             dv = p.swapaxes(-1, -2) @ g                             # (B, H, Tk, D)
         if q.requires_grad or k.requires_grad:
             ds = g @ v.data.swapaxes(-1, -2)                        # dP (B, H, Tq, Tk)
-            ds -= (ds * p).sum(axis=-1, keepdims=True)
+            ds -= (g * out).sum(axis=-1, keepdims=True)             # rowsum(dP * P)
             ds *= p                                                 # dS
-            ds *= scale
             if q.requires_grad:
                 dq = ds @ k.data                                    # (B, H, Tq, D)
+                dq *= scale
             if k.requires_grad:
                 dk = ds.swapaxes(-1, -2) @ q.data                   # (B, H, Tk, D)
+                dk *= scale
         return dq, dk, dv
     return Tensor._make(out, (q, k, v), backward, "attention")
