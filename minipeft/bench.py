@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
             ap.error(f"--configs: unknown config {c!r}; choose from S, M")
     report = run(configs, args.methods.split(",") if args.methods else None,
                  steps=3 if args.quick else args.steps, gen_tokens=16 if args.quick else 128,
-                 gen_repeats=2 if args.quick else 5)
+                 gen_repeats=2 if args.quick else 9)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
