@@ -101,20 +101,35 @@ def plot_learned_vs_forgotten(records, path) -> None:
     """One point per (method, seed): task-B accuracy gained vs task-A accuracy lost."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 5))
+    clusters: list[tuple[float, float, list[str]]] = []   # methods whose means nearly coincide
     for method, recs in _by_method(records).items():
         colour = FAMILY_COLOURS.get(recs[0].family, "gray")
         ax.scatter([100 * r.forgetting for r in recs], [100 * r.b_em for r in recs],
-                   color=colour, s=40)
-        ax.annotate(method, (100 * statistics.mean(r.forgetting for r in recs),
-                             100 * statistics.mean(r.b_em for r in recs)), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+                   color=colour, s=40, alpha=0.8)
+        x = 100 * statistics.mean(r.forgetting for r in recs)
+        y = 100 * statistics.mean(r.b_em for r in recs)
+        near = [c for c in clusters if abs(c[0] - x) < 6 and abs(c[1] - y) < 6]
+        if near:
+            near[0][2].append(method)
+        else:
+            clusters.append((x, y, [method]))
+    placed: list[float] = []
+    for x, y, names in clusters:            # one label per cluster, inside the axes, unstacked
+        right, top = x > 60, y > 60
+        k = sum(abs(y - py) < 12 for py in placed)          # labels already at this height
+        placed.append(y)
+        ax.annotate(", ".join(names), (x, y), fontsize=8, ha="right" if right else "left",
+                    va="top" if top else "bottom", textcoords="offset points",
+                    xytext=(-6 if right else 6, (-6 - 12 * k) if top else (6 + 12 * k)))
     for fam, colour in FAMILY_COLOURS.items():
         ax.scatter([], [], color=colour, label=fam)
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
     ax.set_xlabel("forgotten: task-A exact match lost (points)")
     ax.set_ylabel("learned: task-B exact match (%)")
     ax.set_title("Learned vs forgotten (one point per method and seed)")
     ax.axvline(0, color="k", lw=0.5)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
