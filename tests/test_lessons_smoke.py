@@ -206,7 +206,8 @@ def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
         assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-def test_09_forgetting(lesson_out):
+def test_09_forgetting(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
     m = run_lesson("09_forgetting", "--quick", "--seed", "0")
     rows = {r["method"]: r for r in m["rows"]}
     assert {"full", "lora_r8_qv", "prompt16"} <= set(rows)
@@ -220,7 +221,8 @@ def test_09_forgetting(lesson_out):
     assert "claim" in m["verdict"] and Path(m["figure"]).is_file()
 
 
-def test_11_tradeoffs(lesson_out):
+def test_11_tradeoffs(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
     m = run_lesson("11_tradeoffs", "--quick", "--seed", "0")
     rows = {r["method"]: r for r in m["rows"]}
     assert rows["full"]["trainable %"] == pytest.approx(100.0)
