@@ -19,6 +19,7 @@ from minipeft.data.language import (
     WordTokenizer,
     cluster_purity,
     generate_corpus,
+    language_text,
 )
 from minipeft.data.tasks import (
     CIPHER,
@@ -43,6 +44,6 @@ __all__ = [
     "VOCAB", "STOI", "TASKS", "CIPHER", "EVAL_BUCKETS", "TaskData", "TaskMixture", "make_examples",
     "seq_len_for", "to_xy", "exact_match", "encode", "decode", "swap_marker", "eval_split_mask",
     "CATEGORIES", "FUNCTION_WORDS", "TEMPLATES", "WordTokenizer", "LanguageStream",
-    "generate_corpus", "cluster_purity",
+    "generate_corpus", "language_text", "cluster_purity",
     "CharTokenizer", "BPETokenizer", "TextDataset", "train_val_split",
 ]

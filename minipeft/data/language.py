@@ -115,6 +115,25 @@ def generate_corpus(n_sentences: int, seed: int) -> list[str]:
     return [_sentence(rng) for _ in range(n_sentences)]
 
 
+def language_text(n_sentences: int, seed: int) -> str:
+    """``n_sentences`` of the language as plain text, the corpus of the "text" base model::
+
+        The red fox runs to the river. Two green bird eats bread in the garden.
+        At night the cat walks with a black dog.
+
+    Each sentence starts with a capital and ends with a full stop; lines hold 1 to 4
+    sentences, chosen at random. Only ``generate_corpus`` sentences: no third-party text.
+    """
+    sentences = generate_corpus(n_sentences, seed)
+    rng = bk.host_rng(seed + 1)
+    lines, i = [], 0
+    while i < len(sentences):
+        k = int(rng.integers(1, 5))  # sentences on this line
+        lines.append(" ".join(s[0].upper() + s[1:] + "." for s in sentences[i:i + k]))
+        i += k
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 MAX_SENTENCE_TOKENS = 2 + max(len(t.split()) for t in TEMPLATES)  # with <bos> and <eos>
 
 

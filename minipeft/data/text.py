@@ -3,7 +3,10 @@
 Two tokenizers, the two ends of a trade-off:
 
 - :class:`CharTokenizer`: one token per character seen in the text. Tiny vocabulary, long
-  sequences, nothing to train; cannot encode a character it never saw.
+  sequences, nothing to train; cannot encode a character it never saw, unless it has an
+  unknown id: :meth:`CharTokenizer.ascii` is a fixed vocabulary for *any* text (newline,
+  printable ASCII, and one unknown id for every other character), the one the "text" base
+  model of :mod:`minipeft.base` is pretrained with, so a user's file encodes onto it.
 - :class:`BPETokenizer`: byte-level BPE (GPT-2's scheme) via the ``tokenizers`` package. It
   starts from the 256 byte values, so *any* text encodes and ``decode(encode(text)) == text``
   exactly, then learns merges of frequent pairs up to ``vocab_size``: at 512 about 2 characters
@@ -25,19 +28,39 @@ from minipeft import backend as bk
 np = bk.np  # host numpy
 
 
-class CharTokenizer:
-    """One token per distinct character of the text it was fitted on (ids in sorted order)."""
+ASCII_CHARS = ["\n"] + [chr(i) for i in range(32, 127)]  # newline + printable ASCII (95)
+UNKNOWN_CHAR = "\ufffd"  # the Unicode replacement character stands for every other character
 
-    def __init__(self, chars: list[str]):
+
+class CharTokenizer:
+    """One token per character of a fixed list, ``chars`` (id = position in the list).
+
+    Without ``unk``, encoding a character outside ``chars`` is an error. With ``unk`` (one of
+    ``chars``), every such character encodes to ``unk_id`` and decodes as ``unk``: lossy, but
+    any text encodes.
+    """
+
+    def __init__(self, chars: list[str], unk: str | None = None):
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError(f"chars must be distinct single characters, got {chars!r:.80}")
+        if unk is not None and unk not in chars:
+            raise ValueError(f"unk must be one of chars, got {unk!r}")
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.unk = unk
+        self.unk_id = None if unk is None else self.stoi[unk]
 
     @classmethod
     def fit(cls, text: str) -> CharTokenizer:
         """A tokenizer whose vocabulary is the sorted set of characters in ``text``."""
         return cls(sorted(set(text)))
+
+    @classmethod
+    def ascii(cls) -> CharTokenizer:
+        """The fixed vocabulary for any text: ``"\\n"`` (id 0), printable ASCII 32..126 (ids
+        1..95) and the unknown id 96 (shown as ``"\ufffd"``) for every other character, tabs
+        and accented letters included. 97 tokens."""
+        return cls(ASCII_CHARS + [UNKNOWN_CHAR], unk=UNKNOWN_CHAR)
 
     @property
     def vocab_size(self) -> int:
@@ -45,21 +68,25 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str):
-        """Ids (int64) of the characters of ``text``."""
+        """Ids (int64) of the characters of ``text``; characters outside the vocabulary get
+        ``unk_id`` (count them with ``(ids == tok.unk_id).sum()``), or raise without ``unk``."""
         unknown = set(text) - self.stoi.keys()
-        if unknown:
+        if unknown and self.unk_id is None:
             raise ValueError(f"text must use only fitted characters, got unknown "
                              f"{sorted(unknown)[:10]!r}")
-        return np.array([self.stoi[c] for c in text], dtype=np.int64)
+        get, unk_id = self.stoi.get, self.unk_id
+        return np.array([get(c, unk_id) for c in text], dtype=np.int64)
 
     def decode(self, ids) -> str:
         """The text of ``ids``."""
         return "".join(self.chars[i] for i in bk.to_numpy(ids).tolist())
 
     def save(self, path) -> Path:
-        """Write ``{"type": "char", "chars": [...]}`` as JSON to ``path``; returns the path."""
+        """Write ``{"type": "char", "chars": [...], "unk": ...}`` as JSON to ``path``; returns the
+        path."""
         path = Path(path)
-        path.write_text(json.dumps({"type": "char", "chars": self.chars}), encoding="utf-8")
+        data = {"type": "char", "chars": self.chars, "unk": self.unk}
+        path.write_text(json.dumps(data), encoding="utf-8")
         return path
 
     @classmethod
@@ -69,7 +96,7 @@ class CharTokenizer:
         if data.get("type") != "char":
             raise ValueError(f"path must hold a CharTokenizer JSON file, got type "
                              f"{data.get('type')!r} in {path}")
-        return cls(data["chars"])
+        return cls(data["chars"], unk=data.get("unk"))
 
 
 def _is_path(p) -> bool:
@@ -197,4 +224,12 @@ class TextDataset:
         """``(x, y)``: ``batch_size`` random windows and the same windows shifted by one."""
         starts = self._rng.integers(0, len(self.ids) - self.seq_len, size=batch_size)  # (B,)
         idx = starts[:, None] + np.arange(self.seq_len)  # (B, T)
+        return self.ids[idx], self.ids[idx + 1]
+
+    def windows(self):
+        """``(x, y)``: the stream cut into consecutive windows ``ids[i:i+T]`` for ``i = 0, T,
+        2T, ...``, each followed by its target ``ids[i+1:i+T+1]``; every token after the first
+        is a target once (the last ``< T`` tokens are left out). A fixed evaluation set."""
+        starts = np.arange(0, len(self.ids) - self.seq_len, self.seq_len)  # (N,)
+        idx = starts[:, None] + np.arange(self.seq_len)  # (N, T)
         return self.ids[idx], self.ids[idx + 1]
