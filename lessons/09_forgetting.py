@@ -121,16 +121,23 @@ def verdict(rows) -> str:
     if full is None or not peft:
         return "verdict: needs full fine-tuning and at least one PEFT method"
     lines = []
-    less = [r["method"] for r in peft if r["forgetting"] < full["forgetting"]]
-    lines.append(f"At the end of training, {len(less)}/{len(peft)} PEFT methods forgot less "
-                 f"than full fine-tuning ({full['forgetting']:.1f} points): {', '.join(less)}.")
+
+    def clearly_less(r) -> bool:  # by more than MARGIN points and more than the seeds' spread
+        return (full["forgetting"] - r["forgetting"]
+                > max(MARGIN, full["forgetting_sd"] + r["forgetting_sd"]))
+
+    less = [r["method"] for r in peft if clearly_less(r)]
+    lines.append(f"At the end of training, {len(less)}/{len(peft)} PEFT methods forgot clearly "
+                 f"less (by more than {MARGIN:.0f} points and the seeds' spread) than full "
+                 f"fine-tuning ({full['forgetting']:.1f} points): {', '.join(less) or 'none'}.")
     matched = [r for r in peft if r["forgetting_at_match"] is not None]
     if full["forgetting_at_match"] is not None and matched:
         less_m = [r["method"] for r in matched
-                  if r["forgetting_at_match"] < full["forgetting_at_match"]]
+                  if full["forgetting_at_match"] - r["forgetting_at_match"] > MARGIN]
         lines.append(f"At matched task-B quality ({100 * MATCH_EM:.0f}%), {len(less_m)}/"
-                     f"{len(matched)} of the PEFT methods that got there forgot less than full "
-                     f"fine-tuning ({full['forgetting_at_match']:.1f} points).")
+                     f"{len(matched)} of the PEFT methods that got there forgot clearly less "
+                     f"than full fine-tuning ({full['forgetting_at_match']:.1f} points)"
+                     f"{': ' + ', '.join(less_m) if less_m else ''}.")
     learned_little = [r["method"] for r in peft if r["b_em"] < 100 * MATCH_EM]
     if learned_little:
         lines.append(f"Careful: {', '.join(learned_little)} did not reach {100 * MATCH_EM:.0f}% "
@@ -139,8 +146,7 @@ def verdict(rows) -> str:
     # The verdict: among the methods that learned task B, did most forget clearly less than
     # full fine-tuning? "Clearly" = by more than MARGIN points and more than the seeds' spread.
     learners = [r for r in peft if r["b_em"] >= 100 * MATCH_EM]
-    clearly = [r["method"] for r in learners if full["forgetting"] - r["forgetting"]
-               > max(MARGIN, full["forgetting_sd"] + r["forgetting_sd"])]
+    clearly = [r["method"] for r in learners if clearly_less(r)]
     if not learners:
         lines.append("No PEFT method learned task B here, so the claim could not be tested.")
     else:
