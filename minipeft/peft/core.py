@@ -262,10 +262,12 @@ class PeftModel(Module):
         batch in which each row uses its own adapter, for methods that support it (LoRA)."""
         if self._layers is None:  # found once: walking every module per call costs latency
             self._layers = peft_layers(self.base_model)
+            self._input_layers = [m for _, m in self._layers   # those that add model inputs
+                                  if type(m).prepare_inputs is not PeftLayer.prepare_inputs]
         layers = self._layers
         if not isinstance(ids, Tensor):         # lists too: prepare_inputs reads ids.shape
             ids = bk.asarray(ids)
-        for _, layer in layers:
+        for layer in self._input_layers:
             if layer.active is not None:
                 kwargs = layer.prepare_inputs(ids, kwargs)
         if adapter_names is None:

@@ -419,7 +419,9 @@ class LoRALinear(_LoRALayer):
         return linear(h, f.B)                                       # (..., r) -> (..., out)
 
     def forward(self, x):
-        if self.row_adapters is None and not self.merged and self.active is not None:
+        if self.row_adapters is None:
+            if self.merged or self.active is None:                  # W already holds s B A
+                return self.base(x)
             f = self.factors(self.active)
             if f.drop.p == 0.0 or not self.training:                # the common case: one op
                 return lora_linear(x, self.base.weight, self.base.bias, f.A, f.B, f.scale)
