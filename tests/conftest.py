@@ -6,6 +6,8 @@
   assertions prove the CuPy path.
 * ``float64``: sets the default dtype to float64 for one test (finite differences need it) and
   puts the old default back afterwards.
+* ``interrupt_save``: makes the next save through ``minipeft.io`` fail part-way (with
+  ``Interrupted`` or Ctrl-C), for the tests that prove an interrupted save keeps the old file.
 * Hypothesis profiles: ``ci`` (the default: few examples, no deadline, so the suite stays fast on
   2 cores) and ``thorough`` (many more examples); pick one with ``HYPOTHESIS_PROFILE=thorough``.
 """
@@ -58,3 +60,53 @@ def _restore_backend_state():
         bk.use(name)
     if bk.default_dtype() is not dtype:
         bk.set_default_dtype(dtype)
+
+
+class Interrupted(Exception):
+    """A simulated power cut or full disk in the middle of a save."""
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary files an interrupted save left behind (``minipeft.io`` promises none)."""
+    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
+
+
+@pytest.fixture
+def interrupt_save(monkeypatch):
+    """``interrupt_save(where)`` makes the next save through ``minipeft.io`` fail at one point:
+    "serialise" (building the bytes), "write" (half the bytes written, then a full disk),
+    "fsync" (Ctrl-C while flushing to disk) or "rename" (a power cut before the atomic rename).
+    It raises ``Interrupted`` or ``KeyboardInterrupt``; ``monkeypatch.undo()`` ends it."""
+    import minipeft.io as io_mod
+
+    real_fdopen = os.fdopen
+
+    class HalfWriter:                                   # writes half the bytes, then fails
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise Interrupted("disk full")
+
+    def power_cut(*a, **k):
+        raise Interrupted("power cut")
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    points = {
+        "serialise": lambda: monkeypatch.setattr(io_mod, "st_save", power_cut),
+        "write": lambda: monkeypatch.setattr(io_mod.os, "fdopen",
+                                             lambda *a, **k: HalfWriter(real_fdopen(*a, **k))),
+        "fsync": lambda: monkeypatch.setattr(io_mod.os, "fsync", ctrl_c),
+        "rename": lambda: monkeypatch.setattr(io_mod.os, "replace", power_cut),
+    }
+    return lambda where: points[where]()

@@ -10,6 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import Interrupted, leftovers
 
 from minipeft import backend as bk
 from minipeft.autograd import Tensor, gradcheck, no_grad
@@ -380,51 +381,16 @@ def test_damaged_or_foreign_config_is_a_checkpoint_error(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _leftovers(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
-
-
-@pytest.mark.parametrize("where", ["mid-write", "before-rename", "ctrl-c-at-fsync"])
-def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, where):
-    import minipeft.io as io_mod
-
+@pytest.mark.parametrize("where", ["write", "fsync", "rename"])
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, interrupt_save, where):
     old_model = randomize(GPT(SMALL, seed=0), seed=1)
     save_model(old_model, tmp_path)
     before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
-    real_fdopen = os.fdopen
-
-    class HalfWriter:                                               # writes half, then fails
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[:len(data) // 2])
-            self.f.flush()
-            raise _Interrupted("disk full")
-
-    def fail(*a, **k):
-        raise KeyboardInterrupt if where == "ctrl-c-at-fsync" else _Interrupted("power cut")
-
-    if where == "mid-write":
-        monkeypatch.setattr(io_mod.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
-    elif where == "before-rename":
-        monkeypatch.setattr(io_mod.os, "replace", fail)
-    else:
-        monkeypatch.setattr(io_mod.os, "fsync", fail)
-    with pytest.raises((_Interrupted, KeyboardInterrupt)):
+    interrupt_save(where)
+    with pytest.raises((Interrupted, KeyboardInterrupt)):
         save_model(randomize(GPT(SMALL, seed=0), seed=2), tmp_path)
     monkeypatch.undo()
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
     ids = ids_batch(11)
     np.testing.assert_array_equal(logits_of(load_model(tmp_path), ids), logits_of(old_model, ids))

@@ -21,6 +21,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import Interrupted, leftovers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -768,52 +769,18 @@ def test_a_good_file_still_loads_both_ways(saved):
 
 
 # ============================================================================ interrupted saves
-class _PowerCut(Exception):
-    pass
-
-
-def _leftovers(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
-
-
-@pytest.mark.parametrize("where", ["serialise", "weights-write", "weights-fsync-ctrl-c",
-                                   "weights-rename"])
-def test_an_interrupted_adapter_save_keeps_the_previous_adapter(tmp_path, monkeypatch, where):
+@pytest.mark.parametrize("where", ["serialise", "write", "fsync", "rename"])
+def test_an_interrupted_adapter_save_keeps_the_previous_adapter(tmp_path, monkeypatch,
+                                                                interrupt_save, where):
     old = randomize(get_peft_model(GPT(CFG), LoraConfig(r=2)), seed=1)
     old.save_adapter(tmp_path / "ad")
     files = {f: (tmp_path / "ad" / f).read_bytes() for f in os.listdir(tmp_path / "ad")}
     new = randomize(get_peft_model(GPT(CFG), LoraConfig(r=2)), seed=2)
-    real_fdopen = os.fdopen
-
-    class HalfWriter:                                     # writes half the bytes, then fails
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[:len(data) // 2])
-            raise _PowerCut("disk full")
-
-    def fail(*a, **k):
-        raise KeyboardInterrupt if where.endswith("ctrl-c") else _PowerCut("power cut")
-
-    if where == "serialise":
-        monkeypatch.setattr(io_mod, "st_save", fail)
-    elif where == "weights-write":
-        monkeypatch.setattr(io_mod.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
-    elif where == "weights-fsync-ctrl-c":
-        monkeypatch.setattr(io_mod.os, "fsync", fail)
-    else:
-        monkeypatch.setattr(io_mod.os, "replace", fail)
-    with pytest.raises((_PowerCut, KeyboardInterrupt)):
+    interrupt_save(where)
+    with pytest.raises((Interrupted, KeyboardInterrupt)):
         new.save_adapter(tmp_path / "ad")
     monkeypatch.undo()
-    assert _leftovers(tmp_path / "ad") == []              # io promises: no temp file remains
+    assert leftovers(tmp_path / "ad") == []              # io promises: no temp file remains
     assert {f: (tmp_path / "ad" / f).read_bytes() for f in os.listdir(tmp_path / "ad")} == files
     np.testing.assert_array_equal(logits(load_peft_model(GPT(CFG), tmp_path / "ad"), ids_for()),
                                   logits(old, ids_for()))
@@ -832,15 +799,15 @@ def test_a_save_cut_between_its_two_files_never_loads_a_mixed_pair(tmp_path, mon
     def second_fails(src, dst):
         calls.append(dst)
         if len(calls) == 2:
-            raise _PowerCut("power cut")
+            raise Interrupted("power cut")
         real_replace(src, dst)
 
     monkeypatch.setattr(io_mod.os, "replace", second_fails)
-    with pytest.raises(_PowerCut):
+    with pytest.raises(Interrupted):
         new.save_adapter(tmp_path / "ad")
     monkeypatch.undo()
     assert [os.path.basename(c) for c in calls] == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-    assert _leftovers(tmp_path / "ad") == []
+    assert leftovers(tmp_path / "ad") == []
     if same_config:
         np.testing.assert_array_equal(
             logits(load_peft_model(GPT(CFG), tmp_path / "ad"), ids_for()), logits(new, ids_for()))
