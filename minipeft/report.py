@@ -181,12 +181,15 @@ def plot_curves(records, path) -> None:
     """Task-B (solid) and task-A (dashed) exact match over training, first seed of each."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for method, recs in _by_method(records).items():
+    by_method = _by_method(records)
+    colours = plt.get_cmap("tab20").colors    # 20 distinct colours: no two methods share one
+    for i, (method, recs) in enumerate(by_method.items()):
         pts = [p for p in recs[0].curve if p.get("b_em") is not None]
         steps = [p["step"] for p in pts]
-        (line,) = axes[0].plot(steps, [100 * p["b_em"] for p in pts], label=method)
+        colour = colours[(2 * i) % 20 + (2 * i) // 20]   # the dark shades first, then the light
+        axes[0].plot(steps, [100 * p["b_em"] for p in pts], label=method, color=colour)
         axes[1].plot([p["step"] for p in recs[0].curve],
-                     [100 * p["a_em"] for p in recs[0].curve], "--", color=line.get_color())
+                     [100 * p["a_em"] for p in recs[0].curve], "--", color=colour)
     axes[0].set_title("learning task B")
     axes[1].set_title("remembering task A (adapter active)")
     for ax in axes:
