@@ -381,11 +381,11 @@ class PeftModel(Module):
         """Fold the active adapter into the base weights (LoRA, IA3). Idempotent."""
         self._mergeable_layers("merge")
         layers = [layer for _, layer in peft_layers(self.base_model) if layer.active is not None]
-        for layer in layers:  # all or nothing: every layer may refuse before any weight changes
-            if hasattr(layer, "check_merge"):
-                layer.check_merge()
-        for layer in layers:
-            layer.merge()
+        # all or nothing: every layer may refuse before any weight changes; each computes its
+        # merged weights once, while checking them, and installs them afterwards
+        checked = [(layer, layer.check_merge()) for layer in layers]
+        for layer, merged in checked:
+            layer.apply_merge(merged)
 
     def unmerge(self) -> None:
         """Undo ``merge``. Idempotent."""

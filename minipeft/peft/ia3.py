@@ -104,11 +104,12 @@ class IA3Linear(PeftLayer):
         return self.base(x) * l                                     # (B, T, out) * (out,)
 
     # ---------------------------------------------------------------- merge
-    def check_merge(self) -> None:
+    def check_merge(self):
         """Raise ValueError if ``merge()`` would refuse: another adapter is merged, or the active
-        vector has a zero or non-finite entry (PeftModel checks every layer before any merges)."""
+        vector has a zero or non-finite entry (PeftModel checks every layer before any merges).
+        Returns the folded (W, b) it checked (None: nothing to merge), for ``apply_merge``."""
         if self.active is None or self.merged_adapter == self.active:
-            return
+            return None
         if self.merged:
             raise ValueError(f"IA3 adapter {self.merged_adapter!r} is merged; unmerge() before "
                              f"merging {self.active!r}")
@@ -120,14 +121,17 @@ class IA3Linear(PeftLayer):
         w, b = self._folded(l, divide=False)     # checked here, so no layer merges before it
         if not (bool(bk.xp.isfinite(w).all()) and (b is None or bool(bk.xp.isfinite(b).all()))):
             raise ValueError("IA3 merge: W * l overflows; the base weights were left unchanged")
+        return w, b
 
     def merge(self) -> None:
         """W' = W * l[:, None], b' = l * b (output-scaled) or W' = W * l[None, :]. Idempotent."""
-        self.check_merge()
-        if self.active is None or self.merged_adapter == self.active:
+        self.apply_merge(self.check_merge())
+
+    def apply_merge(self, folded) -> None:
+        """Install the (W, b) ``check_merge`` returned (None: nothing to do)."""
+        if folded is None:
             return
-        w, b = self._folded(getattr(self.adapters, self.active).l.data, divide=False)
-        self._set(w, b)
+        self._set(*folded)
         self.merged_adapter = self.active
 
     def unmerge(self) -> None:

@@ -364,12 +364,13 @@ class _LoRALayer(PeftLayer):
         f = self.factors(name)
         return self._to_layout(f.scale * (f.B.data @ f.A.data))    # (out, r) @ (r, in)
 
-    def check_merge(self) -> None:
+    def check_merge(self):
         """Raise ValueError if ``merge()`` would refuse: another adapter is merged, the
         active one holds NaN or inf, or ``W + s B A`` overflows (PeftModel checks every layer
-        before merging any)."""
+        before merging any). Returns the merged weight it checked (None: nothing to merge),
+        for ``apply_merge``."""
         if self.active is None or self.merged_adapter == self.active:
-            return
+            return None
         if self.merged:
             raise ValueError(f"adapter {self.merged_adapter!r} is merged; unmerge() before "
                              f"merging {self.active!r}")
@@ -378,19 +379,20 @@ class _LoRALayer(PeftLayer):
             if not bool(bk.xp.isfinite(t.data).all()):
                 raise ValueError(f"merge: adapter {self.active!r} has non-finite values in "
                                  f"{label}; the base weights were left unchanged")
-        if not bool(bk.xp.isfinite(self._merged_weight()).all()):
+        W = self.base.weight.data + self.delta_weight(self.active)
+        if not bool(bk.xp.isfinite(W).all()):
             raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
-
-    def _merged_weight(self):
-        return self.base.weight.data + self.delta_weight(self.active)
+        return W
 
     def merge(self) -> None:
         """W <- W + s B A for the active adapter. Idempotent. Refuses (ValueError, W unchanged)
         when the adapter holds NaN or inf or the sum overflows."""
-        self.check_merge()
-        if self.active is None or self.merged_adapter == self.active:
+        self.apply_merge(self.check_merge())
+
+    def apply_merge(self, W) -> None:
+        """Install the merged weight ``check_merge`` returned (None: nothing to do)."""
+        if W is None:
             return
-        W = self._merged_weight()                                   # finite: checked above
         self.base.weight.data = W.astype(self.base.weight.dtype)
         self.merged_adapter = self.active
 
