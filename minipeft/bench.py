@@ -142,7 +142,6 @@ def bench_steps(cfg: BenchConfig, methods: dict, steps: int, peak: float) -> lis
                      "fraction_of_peak": flops[m] / (ms / 1e3) / 1e9 / peak,
                      "peak_train_mb": training_peak_bytes(cfg, m, methods[m]) / 2**20,
                      "trainable": trainable, "trainable_pct": 100 * trainable / total})
-    del built
     return rows
 
 
