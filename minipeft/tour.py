@@ -71,10 +71,7 @@ FINETUNE_METHODS = {  # CLI name -> study method name
 def finetune_cli(args) -> int:
     """Train one method on one built-in task (``args.task``) or on a text file
     (``args.text``) and save its adapter."""
-    from minipeft.base import load_base
     from minipeft.data import TASKS, TaskMixture
-    from minipeft.peft import get_peft_model
-    from minipeft.train import TrainConfig, evaluate_lm, train
 
     if args.method not in FINETUNE_METHODS:
         raise ValueError(f"--method: unknown method {args.method!r}; choose from "
@@ -86,21 +83,32 @@ def finetune_cli(args) -> int:
         return finetune_text(args)
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown task {args.task!r}; choose from {', '.join(TASKS)}")
-    spec = method_specs()[FINETUNE_METHODS[args.method]]
-    base, info = load_base(args.base or "default", seed=0)
     mix = TaskMixture([args.task], seed=args.seed)
-    model = get_peft_model(base, spec.build(), seed=args.seed)
-    model.print_trainable_parameters()
-    x_eval, y_eval = mix.eval_set(args.task, 300)
-    before = evaluate_lm(model, x_eval, y_eval)
-    train(model, mix.sample, TrainConfig(steps=args.steps, lr=args.lr or spec.lr,
-                                         desc=f"{args.method} on {args.task}"))
-    after = evaluate_lm(model, x_eval, y_eval)
+    model, before, after, _ = _adapt(args, args.base or "default", mix.sample,
+                                     *mix.eval_set(args.task, 300),
+                                     desc=f"{args.method} on {args.task}")
     size = model.save_adapter(Path(args.out))
     print(f"{args.task}: exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}, "
           f"loss {before['loss']:.3f} -> {after['loss']:.3f}")
     print(f"saved {args.method} adapter ({size / 1024:.1f} KB) to {args.out}", file=sys.stderr)
     return 0
+
+
+def _adapt(args, base_kind: str, sample, x_eval, y_eval, desc: str, **train_kw):
+    """What both finetune paths share: wrap the base with ``args.method``, score the held-out
+    set, train, score it again. Returns (model, scores before, scores after, lr)."""
+    from minipeft.base import load_base
+    from minipeft.peft import get_peft_model
+    from minipeft.train import TrainConfig, evaluate_lm, train
+
+    spec = method_specs()[FINETUNE_METHODS[args.method]]
+    base, _ = load_base(base_kind, seed=0)
+    model = get_peft_model(base, spec.build(), seed=args.seed)
+    model.print_trainable_parameters()
+    before = evaluate_lm(model, x_eval, y_eval)
+    lr = args.lr or spec.lr
+    train(model, sample, TrainConfig(steps=args.steps, lr=lr, desc=desc, **train_kw))
+    return model, before, evaluate_lm(model, x_eval, y_eval), lr
 
 
 TEXT_VAL_FRACTION = 0.1  # the end of the file held out for validation (at least one window)
@@ -138,11 +146,9 @@ def finetune_text(args) -> int:
     after. Saved in ``--out``: the adapter, the tokenizer (``char_tokenizer.json``) and a record
     of the run (``finetune.json``).
     """
-    from minipeft.base import RECIPES, load_base, recipe_key
+    from minipeft.base import RECIPES, recipe_key
     from minipeft.data import CharTokenizer, TextDataset, train_val_split
     from minipeft.io import save_json
-    from minipeft.peft import get_peft_model
-    from minipeft.train import TrainConfig, evaluate_lm, train
 
     recipe = RECIPES["text"]
     context = recipe.length
@@ -157,15 +163,10 @@ def finetune_text(args) -> int:
           f"ASCII and newline) encoded as unknown; {len(train_ids):,} to train on, "
           f"{len(val_ids):,} to validate on")
 
-    spec = method_specs()[FINETUNE_METHODS[args.method]]
-    base, _ = load_base("text", seed=0)
-    model = get_peft_model(base, spec.build(), seed=args.seed)
-    model.print_trainable_parameters()
-    before = evaluate_lm(model, x_val, y_val)["loss"]
-    lr = args.lr or spec.lr
-    train(model, data.sample, TrainConfig(steps=args.steps, batch_size=recipe.batch_size, lr=lr,
-                                          desc=f"{args.method} on {Path(args.text).name}"))
-    after = evaluate_lm(model, x_val, y_val)["loss"]
+    model, before, after, lr = _adapt(args, "text", data.sample, x_val, y_val,
+                                      desc=f"{args.method} on {Path(args.text).name}",
+                                      batch_size=recipe.batch_size)
+    before, after = before["loss"], after["loss"]
     print(f"validation loss (nats per character): {before:.4f} -> {after:.4f} (a uniform guess "
           f"over the {tok.vocab_size} characters: {math.log(tok.vocab_size):.3f})")
 
