@@ -71,6 +71,7 @@ FINETUNE_METHODS = {  # CLI name -> study method name
 def finetune_cli(args) -> int:
     """Train one method on one built-in task (``args.task``) or on a text file
     (``args.text``) and save its adapter."""
+    from minipeft.base import RECIPES
     from minipeft.data import TASKS, TaskMixture
 
     if args.method not in FINETUNE_METHODS:
@@ -83,8 +84,9 @@ def finetune_cli(args) -> int:
         return finetune_text(args)
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown task {args.task!r}; choose from {', '.join(TASKS)}")
-    mix = TaskMixture([args.task], seed=args.seed)
-    model, before, after, _ = _adapt(args, args.base or "default", mix.sample,
+    kind = args.base or "default"
+    mix = TaskMixture([args.task], seed=args.seed, length=RECIPES[kind].length)  # as pretrained
+    model, before, after, _ = _adapt(args, kind, mix.sample,
                                      *mix.eval_set(args.task, 300),
                                      desc=f"{args.method} on {args.task}")
     size = model.save_adapter(Path(args.out))

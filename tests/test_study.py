@@ -93,3 +93,20 @@ def test_unknown_method_is_refused_before_any_work(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="unknown methods"):
         run_study(StudyConfig(base="quick", methods=("nope",)))
+
+
+def test_finetune_scores_the_task_as_its_base_was_pretrained(tour_run, tmp_path_factory,
+                                                              tmp_path, monkeypatch, capsys):
+    """`minipeft finetune --base quick --task copy` must build examples of the quick base's own
+    length: its printed step-0 score equals the plain base scored independently."""
+    from minipeft.base import load_base
+    from minipeft.cli import main
+
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    base, info = load_base("quick", progress=False)
+    x, y = TaskMixture(["copy"], seed=0, length=info["length"]).eval_set("copy", 300)
+    expected = evaluate_lm(base, x, y)["exact_match"]
+    assert expected > 0.5                                   # the base knows copy
+    main(["finetune", "--method", "lora", "--task", "copy", "--base", "quick", "--steps", "1",
+          "--out", str(tmp_path / "ad")])
+    assert f"copy: exact match {expected:.1%} ->" in capsys.readouterr().out
