@@ -1,0 +1,116 @@
+"""One validator per kind of value: every public config and call checks its inputs here.
+
+Each function takes the *name* the user wrote (``"LoraConfig.r"``, ``"--steps"``) and the value,
+and either returns the value in its canonical form or raises ``TypeError`` (wrong kind of value)
+or ``ValueError`` (right kind, out of range) whose message names the field, says what was
+expected and shows what came. Validation happens before any work, so a refused input leaves
+models and files exactly as they were.
+
+    r = check_int("LoraConfig.r", r, low=1)
+    lr = check_float("TrainConfig.lr", lr, low=0.0, low_open=True)
+    layers = check_int_tuple("AdapterConfig.layers", layers, low=0, high=n_layer - 1)
+
+Booleans are refused where numbers are expected (``True`` is an ``int`` in Python, but
+``r=True`` is a mistake), and strings are refused where sequences of names or numbers are
+expected (``"qv"`` would otherwise be read as ``("q", "v")``).
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import numbers
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer (not a bool, not a float such as 2.0) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {_show(value)} "
+                        f"({type(value).__name__})")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (ints accepted, bools and strings refused) within its bounds;
+    ``low_open`` / ``high_open`` exclude the bound itself."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {_show(value)} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """True or False, nothing else (not 0/1, not "yes")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_show(value)}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    """One of a fixed set of strings."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {_show(value)}")
+    return value
+
+
+def _as_sequence(name: str, value, what: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of {what}, got {_show(value)} "
+                        f"({type(value).__name__})")
+    return tuple(value)
+
+
+def check_int_tuple(name: str, value, *, low: int | None = None, high: int | None = None,
+                    allow_empty: bool = True, unique: bool = True) -> tuple[int, ...]:
+    """A list/tuple of integers, each within [low, high]; duplicates refused by default."""
+    items = _as_sequence(name, value, "integers")
+    if not items and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    out = tuple(check_int(f"{name}[{i}]", v, low=low, high=high) for i, v in enumerate(items))
+    if unique and len(set(out)) != len(out):
+        raise ValueError(f"{name} has repeated entries: {list(out)}")
+    return out
+
+
+def check_str_tuple(name: str, value, *, allow_empty: bool = True) -> tuple[str, ...]:
+    """A list/tuple of non-empty strings."""
+    items = _as_sequence(name, value, "strings")
+    if not items and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    for i, v in enumerate(items):
+        if not isinstance(v, str) or not v:
+            raise TypeError(f"{name}[{i}] must be a non-empty string, got {_show(v)}")
+    return items
+
+
+def check_identifier(name: str, value, *, reserved=()) -> str:
+    """A Python identifier that is not a keyword and not one of ``reserved`` (for example the
+    attributes and methods of the module classes an adapter name would be stored on)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {_show(value)} ({type(value).__name__})")
+    if not value.isidentifier() or keyword.iskeyword(value) or not value.isascii():
+        raise ValueError(f"{name} must be an ASCII identifier (letters, digits, underscores, "
+                         f"not starting with a digit), got {_show(value)}")
+    if value.startswith("_") or value in reserved:
+        raise ValueError(f"{name} {value!r} is reserved (an attribute or method of the model "
+                         f"classes, or starts with '_'): choose another name")
+    return value
