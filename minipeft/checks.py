@@ -114,3 +114,22 @@ def check_identifier(name: str, value, *, reserved=()) -> str:
         raise ValueError(f"{name} {value!r} is reserved (an attribute or method of the model "
                          f"classes, or starts with '_'): choose another name")
     return value
+
+
+def check_id_array(name: str, value):
+    """Token ids (a Tensor, an array or nested lists) as an array on the current backend.
+    Ragged lists (rows of different lengths) or mixed objects get an error naming ``name``
+    instead of NumPy's; shape and dtype are left to the caller, which knows what it needs."""
+    from minipeft import backend as bk  # late: the checks above need no arrays
+
+    if hasattr(value, "requires_grad") and hasattr(value, "data"):   # a Tensor
+        return value.data
+    try:
+        out = bk.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a rectangular array of token ids (every row the same "
+                         f"length), got a {type(value).__name__} that is not: {exc}") from None
+    if out.dtype == object:
+        raise ValueError(f"{name} must be a rectangular array of integer token ids, got an "
+                         "array of Python objects (ragged rows or mixed values)")
+    return out
