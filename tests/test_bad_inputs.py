@@ -14,6 +14,7 @@ is bit-for-bit what it was (``fingerprint``). Tiny models, so the file runs in s
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -186,3 +187,112 @@ def test_a_wrongly_shaped_past_is_named_before_any_work():
         with pytest.raises(ValueError, match=msg), no_grad():
             model(np.ones((2, 1), np.int64), past=p, start_pos=3)
         assert fingerprint(model) == before, why
+
+
+# ============================================================================ class 7: the CLI
+@pytest.fixture
+def no_work(monkeypatch):
+    """Training, studies and benchmarks that fail the test if the CLI ever reaches them."""
+    import minipeft.base
+    import minipeft.bench
+    import minipeft.tour
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI started work before refusing a bad argument")
+    monkeypatch.setattr(minipeft.base, "load_base", refuse)
+    monkeypatch.setattr(minipeft.tour, "run_study", refuse)
+    monkeypatch.setattr(minipeft.bench, "run", refuse)
+
+
+def _tree(folder):
+    """Every path under ``folder`` with its bytes (files) or None (folders)."""
+    return {str(p): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+FT = ["finetune", "--method", "lora", "--task", "copy", "--base", "quick"]
+BAD_CLI = {   # name -> (argv with FILE / DIR placeholders, words the one-line error must hold)
+    "finetune --out FILE": (FT + ["--out", "FILE"], "--out .*is a file"),
+    "finetune --out under a file": (FT + ["--out", "FILE/sub/dir"], "--out .*is a file"),
+    "finetune --out ''": (FT + ["--out", ""], "--out must be a path, got an empty string"),
+    "finetune --lr 0": (FT + ["--lr", "0", "--out", "DIR/a"], "--lr must be > 0"),
+    "finetune --lr nan": (FT + ["--lr", "nan", "--out", "DIR/a"], "--lr must be finite"),
+    "finetune --steps 0": (FT + ["--steps", "0", "--out", "DIR/a"], "--steps must be >= 1"),
+    "finetune --seed -1": (FT + ["--seed", "-1", "--out", "DIR/a"], "--seed must be >= 0"),
+    "finetune --method": (["finetune", "--method", "nope", "--task", "copy", "--out", "DIR/a"],
+                          "--method: unknown method 'nope'"),
+    "compare --out FILE": (["compare", "--out", "FILE"], "--out .*is a file"),
+    "compare --seeds": (["compare", "--seeds", "0,x", "--out", "DIR/c"], "--seeds must be"),
+    "compare --methods": (["compare", "--methods", "bitfit,nope", "--out", "DIR/c"],
+                          r"--methods: unknown \['nope'\]"),
+    "compare --steps 0": (["compare", "--steps", "0", "--out", "DIR/c"], "--steps must be >= 1"),
+    "tour --out FILE": (["tour", "--quick", "--out", "FILE"], "--out .*is a file"),
+    "bench --json DIR": (["bench", "--quick", "--json", "DIR"], "--json .*is a folder"),
+    "bench --json under a file": (["bench", "--json", "FILE/x.json"], "--json .*is a file"),
+    "params --lora-r 0": (["params", "--lora-r", "0"], "--lora-r must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_cli_refuses_bad_arguments_and_places_before_any_work(case, tmp_path, capsys, no_work):
+    from minipeft.cli import main
+
+    (tmp_path / "FILE").write_text("keep me")
+    (tmp_path / "DIR").mkdir()
+    argv, msg = BAD_CLI[case]
+    argv = [a.replace("FILE", str(tmp_path / "FILE")).replace("DIR", str(tmp_path / "DIR"))
+            for a in argv]
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"minipeft {argv[0]}: error: "), err
+    assert re.search(msg, err), err
+    assert _tree(tmp_path) == before                     # nothing written, nothing created
+
+
+def test_cli_as_a_process_refuses_in_one_line_without_a_traceback(tmp_path):
+    # as a user runs it: a non-zero exit, one line on stderr, no traceback, and fast (the
+    # import of the package is the work; a run that reached training would take far longer)
+    import os
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "FILE"
+    target.write_text("keep me")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "minipeft.cli", *FT, "--out", str(target)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MINIPEFT_CACHE": str(tmp_path / "cache")})
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "--out" in proc.stderr and target.read_text() == "keep me"
+    assert not (tmp_path / "cache").exists()             # no base was pretrained or cached
+    assert seconds < 60, seconds
+
+
+def test_output_checks_accept_what_can_be_written(tmp_path):
+    from minipeft.checks import check_output_dir, check_output_file
+
+    # the good cases pass and create nothing (a check that refuses everything would fail here)
+    assert check_output_dir("--out", str(tmp_path / "new" / "deeper")) == \
+        str(tmp_path / "new" / "deeper")
+    assert check_output_dir("--out", str(tmp_path)) == str(tmp_path)
+    assert check_output_file("--json", str(tmp_path / "a" / "b.json"))
+    assert not (tmp_path / "new").exists() and not (tmp_path / "a").exists()
+
+
+def test_bench_and_tour_entry_points_check_where_they_write_before_measuring(tmp_path, no_work,
+                                                                             capsys):
+    from minipeft import bench
+    from minipeft.tour import tour
+
+    with pytest.raises(SystemExit) as exc:                 # argparse's one-line usage error
+        bench.main(["--quick", "--json", str(tmp_path)])
+    assert exc.value.code == 2 and "--json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--steps", "0"])
+    (tmp_path / "FILE").write_text("keep me")
+    with pytest.raises(ValueError, match="tour: out_dir .*is a file"):
+        tour(out_dir=tmp_path / "FILE", quick=True)
+    assert (tmp_path / "FILE").read_text() == "keep me"
