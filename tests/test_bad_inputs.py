@@ -296,3 +296,119 @@ def test_bench_and_tour_entry_points_check_where_they_write_before_measuring(tmp
     with pytest.raises(ValueError, match="tour: out_dir .*is a file"):
         tour(out_dir=tmp_path / "FILE", quick=True)
     assert (tmp_path / "FILE").read_text() == "keep me"
+
+
+# ============================================================================ class 4: file dtypes
+def _safetensors_bytes(entries) -> bytes:
+    """A safetensors file by hand (the library cannot write BF16/F8 from NumPy):
+    entries = [(name, dtype, shape, raw bytes)]."""
+    import json
+
+    header, blobs, offset = {}, b"", 0
+    for name, dtype, shape, data in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs += data
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blobs
+
+
+def test_bf16_is_decoded_exactly(tmp_path):
+    from minipeft.io import load_tensors
+
+    # bfloat16 bit patterns written by hand: 0x3F80 = 1.0, 0xC000 = -2.0, 0x4049 = 3.140625,
+    # 0x0000 = 0.0 (the float32 whose upper 16 bits they are)
+    bits = np.array([0x3F80, 0xC000, 0x4049, 0x0000], dtype="<u2")
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(_safetensors_bytes([("w", "BF16", (2, 2), bits.tobytes())]))
+    tensors, _ = load_tensors(path)
+    assert tensors["w"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["w"], [[1.0, -2.0], [3.140625, 0.0]])
+
+
+@pytest.mark.parametrize("dtype,msg", [("F8_E4M3", "8-bit float"), ("F8_E5M2", "8-bit float"),
+                                       ("C64", "complex"), ("Q4", "not a dtype minipeft knows")])
+def test_unsupported_dtypes_are_refused_by_name(tmp_path, dtype, msg):
+    from minipeft.io import CheckpointError, load_tensors
+
+    path = tmp_path / "x.safetensors"
+    size = 8 if dtype == "C64" else 1
+    path.write_bytes(_safetensors_bytes([("ok", "F32", (1,), b"\0" * 4),
+                                         ("blocks.0.w", dtype, (2,), b"\0" * 2 * size)]))
+    raw = path.read_bytes()
+    with pytest.raises(CheckpointError, match=rf"'blocks.0.w' is stored as {dtype}.*{msg}"):
+        load_tensors(path)
+    assert path.read_bytes() == raw
+
+
+def _saved_base(tmp_path, edit):
+    """A saved tiny model whose weights file is rewritten with ``edit(tensors)``."""
+    from safetensors.numpy import load, save
+
+    from minipeft.io import save_model
+
+    folder = save_model(GPT(CFG, seed=2), tmp_path / "base")
+    file = folder / "model.safetensors"
+    raw = file.read_bytes()
+    tensors = load(raw)
+    header = raw[8:8 + int.from_bytes(raw[:8], "little")]
+    meta = __import__("json").loads(header)["__metadata__"]
+    edit(tensors)
+    file.write_bytes(save(tensors, metadata=meta))
+    return folder
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("f64 beyond float32", r"would become inf\): \['blocks.0.ln_1.weight \(\|value\| up to 1e\+39"),
+    ("nan", r"NaN or inf values: \['blocks.1.mlp.fc_in.bias'\]"),
+    ("inf", r"NaN or inf values: \['tok_emb.weight'\]"),
+    ("complex", r"stored as C64"),
+    ("integers", r"not floating-point arrays.*ln_f.bias: int64"),
+])
+def test_a_base_model_with_bad_values_is_refused_and_nothing_changes(tmp_path, case, msg):
+    from minipeft.io import CheckpointError, load_model
+
+    def edit(t):
+        if case == "f64 beyond float32":
+            t["blocks.0.ln_1.weight"] = t["blocks.0.ln_1.weight"].astype(np.float64)
+            t["blocks.0.ln_1.weight"][3] = 1e39
+        elif case == "nan":
+            t["blocks.1.mlp.fc_in.bias"][0] = np.nan
+        elif case == "inf":
+            t["tok_emb.weight"][1, 2] = -np.inf
+        elif case == "complex":
+            t["pos_emb.weight"] = t["pos_emb.weight"].astype(np.complex64)
+        else:
+            t["ln_f.bias"] = t["ln_f.bias"].astype(np.int64)
+    folder = _saved_base(tmp_path, edit)
+    files = _tree(folder)
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(folder)
+    assert _tree(folder) == files
+    # the same tensors handed to an existing model leave every one of its weights as it was
+    if case != "complex":
+        from safetensors.numpy import load
+
+        model = GPT(CFG, seed=5)
+        before = fingerprint(model)
+        with pytest.raises(ValueError, match=msg):
+            model.load_state_dict(load((folder / "model.safetensors").read_bytes()))
+        assert fingerprint(model) == before
+
+
+def test_float64_and_float16_files_within_range_load_as_float32(tmp_path):
+    from minipeft.io import load_model
+
+    source = GPT(CFG, seed=2)
+    half = lambda name: name.endswith("bias")             # biases as float16, the rest float64
+    wide = _saved_base(tmp_path, lambda t: t.update(
+        {k: v.astype(np.float16 if half(k) else np.float64) for k, v in t.items()}))
+    loaded = load_model(wide)
+    for name, p in loaded.named_parameters():
+        expect = bk.to_numpy(dict(source.named_parameters())[name].data)
+        if half(name):                                   # float16 rounding, done independently
+            expect = expect.astype(np.float16).astype(np.float32)
+        assert p.data.dtype == np.float32
+        np.testing.assert_array_equal(bk.to_numpy(p.data), expect, err_msg=name)
