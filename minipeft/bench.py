@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from minipeft import backend as bk
 from minipeft.autograd import counters
+from minipeft.checks import check_int, check_output_file
+from minipeft.io import atomic_write_bytes
 from minipeft.nn import GPT, GPTConfig, generate
 from minipeft.optim import AdamW
 
@@ -255,12 +257,22 @@ def main(argv=None) -> dict:
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"--configs: unknown config {c!r}; choose from S, M")
+    try:            # every argument and the file it will write, before any measuring
+        if args.json is not None:
+            check_output_file("--json", args.json)
+        check_int("--steps", args.steps, low=1)
+        if args.methods is not None:
+            unknown = [m for m in args.methods.split(",") if m not in method_configs()]
+            if unknown:
+                raise ValueError(f"--methods: unknown {unknown}; choose from "
+                                 f"{', '.join(method_configs())}")
+    except (ValueError, TypeError) as exc:
+        ap.error(str(exc))
     report = run(configs, args.methods.split(",") if args.methods else None,
                  steps=3 if args.quick else args.steps, gen_tokens=16 if args.quick else 128,
                  gen_repeats=2 if args.quick else 9)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
         print(f"wrote {args.json}")
     return report
 

@@ -114,3 +114,95 @@ def check_identifier(name: str, value, *, reserved=()) -> str:
         raise ValueError(f"{name} {value!r} is reserved (an attribute or method of the model "
                          f"classes, or starts with '_'): choose another name")
     return value
+
+
+def check_id_array(name: str, value):
+    """Token ids (a Tensor, an array or nested lists) as an array on the current backend.
+    Ragged lists (rows of different lengths) or mixed objects get an error naming ``name``
+    instead of NumPy's; shape and dtype are left to the caller, which knows what it needs."""
+    from minipeft import backend as bk  # late: the checks above need no arrays
+
+    if hasattr(value, "requires_grad") and hasattr(value, "data"):   # a Tensor
+        return value.data
+    try:
+        out = bk.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a rectangular array of token ids (every row the same "
+                         f"length), got a {type(value).__name__} that is not: {exc}") from None
+    if out.dtype == object:
+        raise ValueError(f"{name} must be a rectangular array of integer token ids, got an "
+                         "array of Python objects (ragged rows or mixed values)")
+    return out
+
+
+# ---------------------------------------------------------------------------- paths we will write
+def _nearest_existing(path):
+    """``path`` itself if it exists, else its closest existing ancestor (the folder a write
+    would have to create the rest in)."""
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_path_text(name: str, value) -> str:
+    import os
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a path, got {_show(value)} ({type(value).__name__})")
+    if not value.strip():
+        raise ValueError(f"{name} must be a path, got an empty string")
+    if "\0" in value:
+        raise ValueError(f"{name} must not contain a NUL character, got {_show(value)}")
+    return value
+
+
+def _check_can_create_in(name: str, value: str, what: str) -> None:
+    import os
+
+    base = _nearest_existing(value)
+    if not base.is_dir():
+        raise ValueError(f"{name} {value}: cannot create {what} there, {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {value}: cannot write into {base} (permission denied)")
+
+
+def check_output_dir(name: str, value) -> str:
+    """A folder we will write into: an existing writable folder, or a path whose nearest
+    existing ancestor is a writable folder (so it can be created). Checks only; creates
+    nothing, so a refused run leaves the file system as it was."""
+    import os
+    from pathlib import Path
+
+    value = _check_path_text(name, value)
+    p = Path(value)
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"{name} {value}: is a file, not a folder; give a folder path")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"{name} {value}: the folder is not writable (permission denied)")
+        return value
+    _check_can_create_in(name, value, "a folder")
+    return value
+
+
+def check_output_file(name: str, value) -> str:
+    """A file we will write: not a folder, and either a writable existing file or a path whose
+    nearest existing ancestor is a writable folder. Checks only; creates nothing."""
+    import os
+    from pathlib import Path
+
+    value = _check_path_text(name, value)
+    p = Path(value)
+    if p.is_dir() or value.endswith(("/", os.sep)):
+        raise ValueError(f"{name} {value}: is a folder; give a file path")
+    if p.exists():
+        if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{name} {value}: cannot replace this file (permission denied)")
+        return value
+    _check_can_create_in(name, value, "the file")
+    return value

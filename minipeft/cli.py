@@ -90,6 +90,59 @@ def _cmd_tour(args) -> int:
     return 0
 
 
+def check_args(args) -> None:
+    """Every argument of ``args.command``, and every place it will write, checked before any
+    work: a refused run trains nothing and writes nothing. Raises ValueError/TypeError naming
+    the flag (``main`` prints it as one line)."""
+    from minipeft.checks import check_float, check_int, check_output_dir, check_output_file
+
+    cmd = args.command
+    if getattr(args, "seed", None) is not None:
+        check_int("--seed", args.seed, low=0)
+    if cmd in ("tour", "compare", "finetune"):
+        check_output_dir("--out", args.out)
+    if cmd == "bench" and args.json is not None:
+        check_output_file("--json", args.json)
+    if getattr(args, "steps", None) is not None:
+        check_int("--steps", args.steps, low=1)
+    if getattr(args, "lr", None) is not None:
+        check_float("--lr", args.lr, low=0.0, low_open=True)
+    if cmd == "params":
+        check_int("--lora-r", args.lora_r, low=1)
+        if not any(t for t in args.targets.split(",")):
+            raise ValueError("--targets: give at least one module name, e.g. q_proj,v_proj")
+    if cmd == "finetune":
+        from minipeft.tour import FINETUNE_METHODS
+
+        if args.method not in FINETUNE_METHODS:
+            raise ValueError(f"--method: unknown method {args.method!r}; choose from "
+                             f"{', '.join(FINETUNE_METHODS)}")
+        if args.task is not None:
+            from minipeft.data import TASKS
+
+            if args.task not in TASKS:
+                raise ValueError(f"--task: unknown task {args.task!r}; choose from "
+                                 f"{', '.join(TASKS)}")
+    if cmd == "compare":
+        from minipeft.experiment import method_specs
+
+        known = method_specs()
+        if args.methods is not None:
+            methods = args.methods.split(",")
+            unknown = [m for m in methods if m not in known]
+            if unknown or not methods:
+                raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(known)}")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got "
+                             f"{args.seeds!r}") from None
+        for s in seeds:
+            check_int("--seeds", s, low=0)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds has repeated entries: {args.seeds!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minipeft.params import PRESETS
 
@@ -171,8 +224,10 @@ def main(argv=None) -> int:
         ap.print_help()
         return 0
     try:
+        check_args(args)            # everything, before any work
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError, ArithmeticError) as exc:
+        # one line, never a traceback: bad arguments, unwritable places, a diverged run
         print(f"minipeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,10 @@ Every write goes to a temporary file in the same folder and is then renamed over
 checks that the file parses and that names, shapes and configs agree, and says exactly what
 does not.
 
+Every dtype a file may declare gets a named decision (``SUPPORTED_DTYPES`` / ``REFUSED_DTYPES``):
+F32, F16, BF16 (decoded exactly) and F64 load; complex and 8-bit floats are refused by name. A
+*model* refuses values beyond float32's range and NaN/inf (``Module.load_state_dict``).
+
 A saved model is a folder with ``model.safetensors`` (every parameter) and ``config.json``
 (the GPTConfig); a saved adapter (see ``peft``) is the same pair holding only its tensors.
 """
@@ -53,6 +57,50 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> int:
     return len(data)
 
 
+# What each dtype a safetensors file may declare becomes when loaded: a named decision for every
+# one, never a KeyError or a silent cast. Float tensors are loaded into float32 parameters
+# (``Module.load_state_dict`` then refuses values beyond the parameter's range, and NaN/inf).
+SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16",
+                    "U8", "BOOL")
+REFUSED_DTYPES = {
+    "C64": "complex: a weight is real, and dropping the imaginary part would change it",
+    "F8_E4M3": "8-bit float: not decoded here; convert it to F16/BF16/F32 first",
+    "F8_E5M2": "8-bit float: not decoded here; convert it to F16/BF16/F32 first",
+}
+
+
+def _decode(raw: bytes, path) -> dict:
+    """The tensors of a safetensors file as host arrays. BF16 (bfloat16: the upper 16 bits of a
+    float32, which NumPy lacks) is read as uint16 and widened exactly to float32; every dtype
+    outside SUPPORTED_DTYPES is refused by name."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    bf16 = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype == "BF16":
+            bf16.append(name)
+        elif dtype not in SUPPORTED_DTYPES:
+            why = REFUSED_DTYPES.get(dtype, "not a dtype minipeft knows")
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype}, which minipeft "
+                                  f"refuses ({why}); supported: {', '.join(SUPPORTED_DTYPES)}")
+    if bf16:                       # same byte size: only the header's dtype names change
+        for name in bf16:
+            header[name]["dtype"] = "U16"
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)                             # keep the data 8-aligned
+        raw = len(text).to_bytes(8, "little") + text + raw[8 + n:]
+    tensors = st_load(raw)
+    for name in bf16:
+        bits = tensors[name].astype(bk.np.uint32) << 16             # bf16 bits -> float32 bits
+        tensors[name] = bits.view(bk.np.float32)
+    return tensors
+
+
 def load_tensors(path) -> tuple[dict, dict]:
     """Load a safetensors file as (name -> host array, metadata dict)."""
     path = Path(path)
@@ -60,9 +108,12 @@ def load_tensors(path) -> tuple[dict, dict]:
         raise CheckpointError(f"no such file: {path}")
     raw = path.read_bytes()
     try:
-        tensors = st_load(raw)
+        tensors = _decode(raw, path)
         meta = _read_metadata(raw)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+    except CheckpointError:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError,
+            json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file "
                               f"(truncated or corrupted?): {exc}") from None
     return tensors, meta
@@ -117,5 +168,5 @@ def load_model(folder, seed: int = 0):
     try:
         model.load_state_dict(tensors)
     except ValueError as exc:  # StateDictError: names every missing or mis-shaped tensor
-        raise CheckpointError(f"{folder}: weights do not fit config.json: {exc}") from None
+        raise CheckpointError(f"{folder}: cannot load the weights: {exc}") from None
     return model

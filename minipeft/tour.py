@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from minipeft.checks import check_output_dir
 from minipeft.experiment import StudyConfig, method_specs, run_study
 from minipeft.report import markdown_table, write_report
 
@@ -33,6 +34,7 @@ NOTES = ("Base model pretrained on task A (the skills listed in the table's 'tas
 
 def tour(out_dir="minipeft-out", quick: bool = False, seed: int = 0, log=print) -> dict:
     """Run the compact study and write its report; returns the written paths."""
+    check_output_dir("tour: out_dir", out_dir)        # before the study, not after it
     start = time.perf_counter()
     study = StudyConfig(base="quick" if quick else "default", task_b="shift",
                         methods=QUICK_METHODS if quick else TOUR_METHODS, seeds=(seed,),

@@ -12,7 +12,7 @@ names the step, and the weights are left as they were after the last good step.
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from minipeft import backend as bk
 from minipeft.autograd import no_grad
+from minipeft.checks import check_bool, check_choice, check_float, check_id_array, check_int
 from minipeft.optim import SGD, AdamW, clip_grad_norm, cosine_schedule
 
 
@@ -46,21 +47,25 @@ class TrainConfig:
     checkpoint_every: int = 0     # call checkpoint(step) every n steps (0 = never)
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size <= 0:
-            raise ValueError(f"TrainConfig: steps must be >= 0 and batch_size > 0, got "
-                             f"steps={self.steps}, batch_size={self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr must be > 0 and finite, got {self.lr}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0 and finite, "
-                             f"got {self.weight_decay}")
-        if self.warmup < 0:
-            raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', "
-                             f"got {self.optimizer!r}")
+        # every field by name, kind and range, before any step: NaN or a fraction here would
+        # otherwise surface after a step was applied (NaN weights, a ZeroDivisionError)
+        check_int("TrainConfig.steps", self.steps, low=0)
+        check_int("TrainConfig.batch_size", self.batch_size, low=1)
+        check_float("TrainConfig.lr", self.lr, low=0.0, low_open=True)
+        check_float("TrainConfig.weight_decay", self.weight_decay, low=0.0)
+        check_int("TrainConfig.warmup", self.warmup, low=0)
+        check_float("TrainConfig.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_float("TrainConfig.grad_clip", self.grad_clip, low=0.0)
+        check_choice("TrainConfig.optimizer", self.optimizer, ("adamw", "sgd"))
+        check_int("TrainConfig.eval_every", self.eval_every, low=0)
+        if self.log_path is not None and not isinstance(self.log_path, (str, os.PathLike)):
+            raise TypeError(f"TrainConfig.log_path must be None or a path, got "
+                            f"{type(self.log_path).__name__}")
+        check_int("TrainConfig.log_every", self.log_every, low=1)
+        check_bool("TrainConfig.progress", self.progress)
+        if not isinstance(self.desc, str):
+            raise TypeError(f"TrainConfig.desc must be a string, got {type(self.desc).__name__}")
+        check_int("TrainConfig.checkpoint_every", self.checkpoint_every, low=0)
 
 
 @dataclass
@@ -82,6 +87,20 @@ def make_optimizer(model, cfg: TrainConfig):
     return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _checked_batch(batch, step: int):
+    """The (x, y) pair ``next_batch`` returned, as backend arrays, refused with a named error
+    (before the step runs) when it is not a pair, ragged, or empty."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"train: next_batch must return a pair (x, y), got "
+                        f"{type(batch).__name__} at step {step}")
+    x = check_id_array(f"train: batch x at step {step}", batch[0])
+    y = check_id_array(f"train: batch y at step {step}", batch[1])
+    if x.size == 0 or y.size == 0:
+        raise ValueError(f"train: next_batch returned an empty batch at step {step} (x shape "
+                         f"{tuple(x.shape)}, y shape {tuple(y.shape)}); nothing was applied")
+    return x, y
+
+
 def train(model, next_batch: Callable[[int], tuple], cfg: TrainConfig,
           evaluate: Callable | None = None, optimizer=None,
           checkpoint: Callable[[int], None] | None = None) -> TrainResult:
@@ -90,6 +109,12 @@ def train(model, next_batch: Callable[[int], tuple], cfg: TrainConfig,
     ``evaluate(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end;
     ``checkpoint(step)`` (e.g. a save) runs every ``cfg.checkpoint_every`` steps.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train: cfg must be a TrainConfig, got {type(cfg).__name__}")
+    for name, fn in (("next_batch", next_batch), ("evaluate", evaluate),
+                     ("checkpoint", checkpoint)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"train: {name} must be callable, got {type(fn).__name__}")
     opt = optimizer or make_optimizer(model, cfg)
     params = opt.params
     result = TrainResult()
@@ -99,8 +124,7 @@ def train(model, next_batch: Callable[[int], tuple], cfg: TrainConfig,
     bar = tqdm(range(cfg.steps), desc=cfg.desc, disable=not cfg.progress, leave=False)
     try:
         for step in bar:
-            x, y = next_batch(cfg.batch_size)
-            x, y = bk.asarray(x), bk.asarray(y)
+            x, y = _checked_batch(next_batch(cfg.batch_size), step)
             opt.zero_grad()
             loss = model.loss(x, y)
             loss_value = loss.item()
@@ -142,6 +166,10 @@ def evaluate_lm(model, x, y, batch_size: int = 256, ignore_index: int = -100) ->
     (teacher forcing) equals every non-ignored target, i.e. when greedy decoding is right."""
     from minipeft.autograd import functional as F
 
+    batch_size = check_int("evaluate_lm: batch_size", batch_size, low=1)
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"evaluate_lm: x and y must hold the same number (> 0) of rows, got "
+                         f"{len(x)} and {len(y)}")
     was_training = getattr(model, "training", False)
     model.eval()
     total_loss, total_tokens, correct = 0.0, 0, 0

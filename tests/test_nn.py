@@ -437,20 +437,24 @@ def test_bad_ids_are_clear_errors():
         model.loss(bk.asarray([[0.5, 1.5]]), bk.asarray([[1, 2]]))
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(n_embd=30, n_head=4), "n_embd=30 must be divisible by n_head=4"),
-    (dict(n_layer=-1), "n_layer must be a positive int, got -1"),
-    (dict(vocab_size=0), "vocab_size must be a positive int, got 0"),
-    (dict(block_size=8.0), "block_size must be a positive int, got 8.0"),
-    (dict(n_head=-2), "n_head must be a positive int"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-    (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
-    (dict(dropout=float("nan")), r"dropout must be in \[0, 1\)"),
-    (dict(n_classes=-1), "n_classes must be >= 0"),
-    (dict(pool="max"), "pool must be 'mean' or 'first'"),
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(n_embd=30, n_head=4), ValueError, "n_embd=30 must be divisible by n_head=4"),
+    (dict(n_layer=-1), ValueError, "GPTConfig.n_layer must be >= 1, got -1"),
+    (dict(vocab_size=0), ValueError, "GPTConfig.vocab_size must be >= 1, got 0"),
+    (dict(block_size=8.0), TypeError, "GPTConfig.block_size must be an integer, got 8.0"),
+    (dict(n_head=-2), ValueError, "GPTConfig.n_head must be >= 1"),
+    (dict(dropout=1.0), ValueError, r"GPTConfig.dropout must be < 1.0, got 1.0"),
+    (dict(dropout=-0.1), ValueError, r"GPTConfig.dropout must be >= 0.0"),
+    (dict(dropout=float("nan")), ValueError, r"GPTConfig.dropout must be finite"),
+    (dict(dropout="0.1"), TypeError, r"GPTConfig.dropout must be a number"),
+    (dict(n_classes=-1), ValueError, "GPTConfig.n_classes must be >= 0"),
+    (dict(pool="max"), ValueError, r"GPTConfig.pool must be one of \['mean', 'first'\]"),
+    (dict(bias="no"), TypeError, "GPTConfig.bias must be True or False, got 'no'"),
+    (dict(tie_weights=1), TypeError, "GPTConfig.tie_weights must be True or False"),
+    (dict(causal=None), TypeError, "GPTConfig.causal must be True or False"),
 ])
-def test_config_validation_messages(kwargs, msg):
-    with pytest.raises(ValueError, match=msg):
+def test_config_validation_messages(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
         GPTConfig(**kwargs)
 
 

@@ -277,9 +277,9 @@ def test_generate_names_bad_ids_temperature_and_accepts_any_top_k(models):
     with pytest.raises(ValueError, match=r"generate: ids must be a 2-D integer array \(B, T\), "
                                          r"got shape \(3,\)"):
         generate(gpt, bk.asarray([1, 2, 3]), 2)
-    with pytest.raises(ValueError, match="generate: temperature must be >= 0, got nan"):
+    with pytest.raises(ValueError, match="generate: temperature must be finite, got nan"):
         generate(gpt, ids_for(B=1, T=2), 2, temperature=float("nan"))
-    with pytest.raises(ValueError, match="generate: top_k must be positive, got 0"):
+    with pytest.raises(ValueError, match="generate: top_k must be >= 1, got 0"):
         generate(gpt, ids_for(B=1, T=2), 2, temperature=1.0, top_k=0)
     # top_k beyond the vocabulary keeps every token: the same draws as no top_k at all
     a = generate(gpt, ids_for(B=2, T=2), 4, temperature=1.0, top_k=10 * V, seed=3)
@@ -360,15 +360,15 @@ def test_a_bad_batch_mid_training_changes_nothing():
 
 BAD_HYPER = {   # lr=inf: step 0's update is inf * 0 = NaN wherever a gradient is 0, and nothing
                # stops it before step 1; eps=0: m / sqrt(v) = 0 / 0 there
-    "lr=inf": (lambda: TrainConfig(lr=float("inf")), r"TrainConfig.lr must be > 0 and finite, "
+    "lr=inf": (lambda: TrainConfig(lr=float("inf")), r"TrainConfig.lr must be finite, "
                                                      r"got inf"),
-    "lr=nan": (lambda: TrainConfig(lr=float("nan")), r"TrainConfig.lr must be > 0 and finite"),
+    "lr=nan": (lambda: TrainConfig(lr=float("nan")), r"TrainConfig.lr must be finite"),
     "lr=0": (lambda: TrainConfig(lr=0.0), r"TrainConfig.lr must be > 0"),
-    "clip<0": (lambda: TrainConfig(grad_clip=-1.0), r"grad_clip must be >= 0 \(0 = off\)"),
+    "clip<0": (lambda: TrainConfig(grad_clip=-1.0), r"TrainConfig.grad_clip must be >= 0"),
     "clip=nan": (lambda: TrainConfig(grad_clip=float("nan")), r"TrainConfig.grad_clip must be"),
     "wd=nan": (lambda: TrainConfig(weight_decay=float("nan")), r"TrainConfig.weight_decay must"),
     "warmup<0": (lambda: TrainConfig(warmup=-1), r"TrainConfig.warmup must be >= 0, got -1"),
-    "optimizer": (lambda: TrainConfig(optimizer="adam"), r"optimizer must be 'adamw' or 'sgd'"),
+    "optimizer": (lambda: TrainConfig(optimizer="adam"), r"optimizer must be one of \['adamw'"),
     "adamw-lr": (lambda: AdamW(GPT(CFG).parameters(), lr=float("inf")), r"AdamW: lr must be > 0"),
     "adamw-eps": (lambda: AdamW(GPT(CFG).parameters(), eps=0.0), r"AdamW: eps must be > 0, got "),
     "adamw-wd": (lambda: AdamW(GPT(CFG).parameters(), weight_decay=-0.1), r"AdamW: weight_decay"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from minipeft import backend as bk
 from minipeft.autograd import no_grad
+from minipeft.checks import check_bool, check_float, check_id_array, check_int
 
 
 def sample_next(logits, temperature: float, top_k: int | None, rng):
@@ -18,15 +19,20 @@ def sample_next(logits, temperature: float, top_k: int | None, rng):
     xp = bk.xp
     if temperature == 0.0:
         return logits.argmax(axis=-1)
-    z = logits / temperature
+    # Subtract the row's max *before* dividing, in float64: then z <= 0 with z = 0 at the max
+    # for any temperature > 0, so a tiny temperature (1e-45) sends the others to -inf (greedy)
+    # instead of inf - inf = NaN.
+    z = logits.astype(bk.np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    with bk.np.errstate(over="ignore"):          # -x / 1e-45 = -inf is the intended limit
+        z /= temperature
     if top_k is not None:
         top_k = min(top_k, z.shape[-1])            # top_k >= V keeps every token
         kth = xp.sort(z, axis=-1)[:, -top_k][:, None]
         z = xp.where(z < kth, -xp.inf, z)
-    z = z - z.max(axis=-1, keepdims=True)
     # normalise in float64: float32 probabilities miss a sum of 1 by ~1e-7, more than
     # Generator.choice tolerates (~1e-8), so it would refuse most float32 rows
-    p = bk.to_numpy(xp.exp(z)).astype(bk.np.float64)
+    p = bk.to_numpy(xp.exp(z))
     p /= p.sum(axis=-1, keepdims=True)
     choice = [rng.choice(p.shape[-1], p=row) for row in p]
     return bk.asarray(bk.np.asarray(choice, dtype=bk.np.int64))
@@ -39,20 +45,21 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 0.0, top_k: i
     ``model`` is any callable with the GPT signature ``model(ids, past=, start_pos=,
     use_cache=, **kwargs)``: a GPT, or a PEFT model that adds its prompt on the first call.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:                      # also refuses NaN
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"generate: top_k must be positive, got {top_k}")
+    # every argument checked before the model runs: a bad one names itself
+    max_new_tokens = check_int("generate: max_new_tokens", max_new_tokens, low=0)
+    temperature = check_float("generate: temperature", temperature, low=0.0)
+    if top_k is not None:
+        top_k = check_int("generate: top_k", top_k, low=1)
+    use_cache = check_bool("generate: use_cache", use_cache)
+    seed = check_int("generate: seed", seed, low=0)
     config = getattr(model, "config", None)
     if use_cache and config is not None and not config.causal:
         use_cache = False  # an encoder's earlier positions see later tokens: no valid cache
     rng = bk.host_rng(seed)
-    out = bk.asarray(ids)
-    if out.ndim != 2 or out.dtype.kind not in "iu":
+    out = check_id_array("generate: ids", ids)
+    if out.ndim != 2 or out.dtype.kind not in "iu" or 0 in out.shape:
         raise ValueError(f"generate: ids must be a 2-D integer array (B, T), got shape "
-                         f"{tuple(out.shape)} and dtype {out.dtype}")
+                         f"{tuple(out.shape)} and dtype {out.dtype} (and neither B nor T 0)")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

@@ -26,6 +26,7 @@ from minipeft.autograd import Tensor, broadcast_to, concatenate, linear
 from minipeft.autograd import functional as F
 from minipeft.autograd.checkpoint import checkpoint
 from minipeft.autograd.tensor import is_grad_enabled
+from minipeft.checks import check_bool, check_choice, check_float, check_id_array, check_int
 from minipeft.nn.attention import SelfAttention
 from minipeft.nn.layers import Dropout, Embedding, LayerNorm, Linear
 from minipeft.nn.module import Module, ModuleList
@@ -47,22 +48,17 @@ class GPTConfig:
     checkpoint: bool = False    # training keeps each block's input only, recomputes the rest
 
     def __post_init__(self):
+        # every field checked for kind and range by name, before any weight is allocated
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"GPTConfig.{name}", getattr(self, name), low=1)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by "
                              f"n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.n_classes < 0:
-            raise ValueError(f"GPTConfig.n_classes must be >= 0, got {self.n_classes}")
-        if self.pool not in ("mean", "first"):
-            raise ValueError(f"GPTConfig.pool must be 'mean' or 'first', got {self.pool!r}")
-        if not isinstance(self.checkpoint, bool):
-            raise TypeError(f"GPTConfig.checkpoint must be True or False, got "
-                            f"{self.checkpoint!r}")
+        check_float("GPTConfig.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        for name in ("bias", "tie_weights", "causal", "checkpoint"):
+            check_bool(f"GPTConfig.{name}", getattr(self, name))
+        check_int("GPTConfig.n_classes", self.n_classes, low=0)
+        check_choice("GPTConfig.pool", self.pool, ("mean", "first"))
         if self.checkpoint and self.dropout:
             raise ValueError("GPTConfig: checkpoint=True needs dropout=0 (the recomputation "
                              "would draw a new dropout mask and the gradients would be wrong)")
@@ -118,10 +114,13 @@ class GPT(Module):
 
     # ---------------------------------------------------------------- pieces
     def _check_ids(self, ids):
-        ids = ids.data if isinstance(ids, Tensor) else bk.asarray(ids)
+        ids = check_id_array("GPT: ids", ids)
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise ValueError(f"GPT: ids must be a 2-D integer array (B, T), got shape "
                              f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"GPT: ids must hold at least one row (an empty batch would train "
+                             f"on nothing), got shape {tuple(ids.shape)}")
         if ids.shape[1] == 0:
             raise ValueError(f"GPT: ids must hold at least one token per row, got shape "
                              f"{tuple(ids.shape)}")
@@ -157,21 +156,40 @@ class GPT(Module):
                                  f"(B, H, Tq, Tk) = {full}, got shape {tuple(m.shape)} and "
                                  f"dtype {m.dtype}")
 
+    def _check_past(self, B: int, past) -> int:
+        """``past`` must be one (k, v) pair per layer, each (B, H, Tp, D) with the same Tp in
+        every layer; returns Tp. Checked before any work, so a wrong cache names itself."""
+        cfg = self.config
+        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+        if not isinstance(past, (list, tuple)) or len(past) != cfg.n_layer:
+            got = len(past) if isinstance(past, (list, tuple)) else type(past).__name__
+            raise ValueError(f"GPT: past must be a list holding one (k, v) per layer "
+                             f"({cfg.n_layer}), got {got}")
+        lengths = set()
+        for i, pair in enumerate(past):
+            shapes = [tuple(getattr(t, "shape", ())) for t in pair] \
+                if isinstance(pair, (list, tuple)) else []
+            if len(shapes) != 2 or shapes[0] != shapes[1] or len(shapes[0]) != 4 or \
+                    shapes[0][0] != B or shapes[0][1] != H or shapes[0][3] != D:
+                raise ValueError(f"GPT: past[{i}] must be a pair (k, v) of arrays shaped (B, H, "
+                                 f"Tp, D) = ({B}, {H}, Tp, {D}), got shapes {shapes or pair!r}")
+            lengths.add(shapes[0][2])
+        if len(lengths) != 1:
+            raise ValueError(f"GPT: past holds different lengths Tp per layer: {sorted(lengths)}")
+        return lengths.pop()
+
     def hidden(self, ids, prompt=None, past=None, start_pos: int = 0, mask=None):
         """The final hidden states (B, T, C) of the real tokens, and the per-layer (k, v)."""
         cfg = self.config
         ids = self._check_ids(ids)
         B, T = ids.shape
-        Tp = 0 if past is None else past[0][0].shape[2]
+        Tp = 0 if past is None else self._check_past(B, past)
         self._check_extras(B, T, Tp, prompt, start_pos, mask)
         P = 0 if prompt is None else prompt.shape[-2]
         if start_pos + T > cfg.block_size or Tp + P + T > cfg.block_size:
             raise ValueError(
                 f"GPT: sequence too long for block_size={cfg.block_size}: {T} tokens at "
                 f"position {start_pos}, plus {P} prompt vectors and {Tp} past positions")
-        if past is not None and len(past) != cfg.n_layer:
-            raise ValueError(f"GPT: past must hold one (k, v) per layer ({cfg.n_layer}), "
-                             f"got {len(past)}")
         pos = bk.xp.arange(start_pos, start_pos + T)
         h = self.tok_emb(ids) + self.pos_emb(pos)                   # (B, T, C)
         if prompt is not None:
@@ -210,6 +228,7 @@ class GPT(Module):
 
     def loss(self, ids, targets, ignore_index: int = -100, **kwargs):
         """Mean next-token cross-entropy over the targets that are not ``ignore_index``."""
+        targets = check_id_array("GPT.loss: targets", targets)     # ragged lists, by name
         return F.cross_entropy(self(ids, **kwargs), targets, ignore_index)
 
     def classify(self, ids, **kwargs):

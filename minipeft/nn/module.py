@@ -141,11 +141,43 @@ class Module:
             problems.append(f"unexpected keys: {unexpected}")
         if shapes:
             problems.append(f"shape mismatches: {shapes}")
+        problems += _value_problems(own, state)
         if problems:
             raise StateDictError("load_state_dict: " + "; ".join(problems))
         for key, p in own.items():
             if key in state:
                 p.data = bk.asarray(state[key], dtype=p.dtype).copy()
+
+
+def _value_problems(own: dict, state: dict) -> list[str]:
+    """What a float parameter must not receive: a non-float array (complex would lose its
+    imaginary part, integers and booleans are not weights), values beyond the parameter's
+    dtype (a float64 1e39 would become inf in float32), or NaN/inf."""
+    dtypes, ranges, nonfinite = [], [], []
+    for key, p in own.items():
+        if key not in state or p.dtype.kind != "f":
+            continue
+        a = state[key]
+        a = a.data if isinstance(a, Tensor) else a
+        kind = getattr(getattr(a, "dtype", None), "kind", None)
+        if kind != "f":
+            dtypes.append(f"{key}: {getattr(a, 'dtype', type(a).__name__)}")
+            continue
+        finite = bool(bk.xp.isfinite(bk.asarray(a)).all())
+        if not finite:
+            nonfinite.append(key)
+        elif a.dtype.itemsize > p.dtype.itemsize and a.size and \
+                float(abs(bk.asarray(a)).max()) > float(bk.np.finfo(p.dtype).max):
+            ranges.append(f"{key} (|value| up to {float(abs(bk.asarray(a)).max()):.3g})")
+    problems = []
+    if dtypes:
+        problems.append(f"not floating-point arrays (a weight must be real floats): {dtypes}")
+    if ranges:
+        problems.append(f"values beyond the parameters' dtype range (they would become inf): "
+                        f"{ranges}")
+    if nonfinite:
+        problems.append(f"NaN or inf values: {nonfinite}")
+    return problems
 
 
 class ModuleList(Module):
