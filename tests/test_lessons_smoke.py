@@ -262,6 +262,15 @@ def test_05_lora(lesson_out, shared_quick_cache, monkeypatch):
     # (f) with Adam, a larger s = alpha/r moves ΔW further in the same steps
     norms = [row["delta_norm"] for row in m["alpha"].values()]
     assert norms == sorted(norms)
+    # (row 13) every LoRA run answers more tokens right than the base (fault caught: the adapter
+    # not applied, or B frozen at 0); the seeds really vary the run (fault caught: a seed that
+    # is ignored measures zero noise and makes any verdict look certain)
+    for row in runs.values():
+        assert row["token_acc"] > m["before"]["token_acc"], row["label"]
+    for accs in m["seed_token_acc"].values():
+        assert len(accs) == 2 and accs[0] != accs[1]
+    assert {c["verdict"] for c in m["comparable"].values()} <= {
+        "comparable", "not comparable", "undecided"}
     fig = Path(m["figure"])
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
