@@ -196,12 +196,22 @@ def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
         assert a["random_norm"] <= a["w_own_norm"] + 1e-9
         assert a["proj_norm"] <= a["w_own_norm"] + 1e-9
         assert abs(a["factor"] - a["delta_norm"] / a["proj_norm"]) < 1e-9 * a["factor"]
+    # the gain the "low intrinsic rank" verdict waits for is the measured answer-token gain
+    gain = (ft["token_acc"] - base["token_acc"]) / (1 - base["token_acc"])
+    assert m["ft_gain"] == pytest.approx(gain) and m["ft_learned"] == (gain >= 0.5)
+    # (5) two LoRA seeds give two different updates, so the position has a measured spread
+    # (fault caught: the "second seed" reusing the first run, which would fake zero noise)
+    amp = m["amplification"]
+    assert amp["per_seed"][0] != amp["per_seed"][1] and amp["position_sd"] > 0
+    assert amp["paper_factor"] == 21.5 and amp["lr_ratio"] == pytest.approx(10.0)
     # (6) PiSSA: step 0 is the base model, s B A = truncate(W, r), and both curves start there
     p = m["pissa"]
     assert p["step0_ok"] and p["step0"]["default"] == 0.0
     assert p["step0"]["ba_vs_truncate"] < 1e-5 and p["step0"]["residual"] < 1e-5
     assert p["curve_default"][0] == p["curve_pissa"][0] == base["loss"]
     assert p["curve_pissa"][-1] < base["loss"] and p["curve_default"][-1] < base["loss"]
+    assert len(p["final_loss"]["pissa"]) == len(p["final_loss"]["default"]) == 2
+    assert p["final_loss"]["pissa"][0] == pytest.approx(p["curve_pissa"][-1])
     for fig in map(Path, m["figures"].values()):
         assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
