@@ -127,7 +127,7 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
           f"adapter's bottleneck m chosen to match it (C={C}, {L} blocks)\n")
     print(f"    {'method':<9} {'setting':<22} {'formula':>9} {'counted':>9} {'vs LoRA':>8} "
           f"{'of base':>8}  where it acts")
-    counts = {}
+    counts, wraps = {}, {}
     for name, m in models.items():
         config = configs[name][0]
         n = m.num_parameters(trainable_only=True)
@@ -142,13 +142,15 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
             formula = adapter_count(C, L, config.bottleneck, config.placement)
             paths = [p for p, mod in m.base_model.named_modules()
                      if isinstance(mod, AdapterLayer) and p.startswith("blocks.0.")]
-            where = ", ".join(p.replace("blocks.0.", "") for p in paths)
+            wraps[name] = {p.replace("blocks.0.", "") for p in paths}    # found on the model
+            where = ", ".join(sorted(wraps[name]))
             where = ("wraps " if config.placement != "parallel" else "beside ") + where
         counts[name] = n
         print(f"    {name:<9} {setting:<22} {formula:>9,} {n:>9,} {n / lora_n - 1:>+8.1%} "
               f"{n / total:>8.2%}  {where}")
     print(f"    (formulas: LoRA r(in+out) per matrix; adapter 2Cm+m+C each, 2 per block for "
           f"Houlsby; IA3 6C per block.\n     The base has {total:,} parameters.)")
+    counts["_wraps"] = wraps
     return counts
 
 
@@ -343,6 +345,7 @@ def main(argv=None) -> dict:
     configs = build_configs(cfg)
     models = {n: fresh(cfg, state, c, args.seed) for n, (c, _) in configs.items()}
     counts = print_counts(models, configs, cfg)
+    wraps = counts.pop("_wraps")
     step0 = step0_check(models, base, bk.asarray(eval_xy[0][:64]))
 
     runs = train_all(models, configs, mix, eval_xy, steps, batch, eval_every, not quick)
@@ -410,12 +413,20 @@ def main(argv=None) -> dict:
     best = max(runs, key=lambda n: runs[n]["final"]["token_acc"])
     learned = {n: r["final"]["token_acc"] - r["before"]["token_acc"] for n, r in runs.items()}
     print("\nVerdicts (measured here):")
+    # Row 7 is about structure: held when the adapter layers found on each model sit where
+    # the claim says (after attention's output projection and after the MLP) and each model
+    # starts as the base model exactly.
+    expect = {"houlsby": {"attn.o_proj", "mlp.fc_out"}, "pfeiffer": {"mlp.fc_out"}}
+    placed = all(wraps.get(n) == w for n, w in expect.items()) and bool(wraps.get("parallel"))
+    start0 = all(step0[n] == 0.0 for n in PLACEMENTS)
     print(f"  Row 7 'adapters add trainable layers inside the blocks, after attention or after "
-          f"the feed-forward network':\n    held: Houlsby wraps attn.o_proj and mlp.fc_out, "
-          f"Pfeiffer mlp.fc_out, parallel sits beside the MLP;\n    each starts as the base "
+          f"the feed-forward network':\n    {'held' if placed and start0 else 'did not hold'}: "
+          f"found on the models: Houlsby wraps {', '.join(sorted(wraps.get('houlsby', ())))}, "
+          f"Pfeiffer {', '.join(sorted(wraps.get('pfeiffer', ())))}, parallel sits beside "
+          f"{', '.join(sorted(wraps.get('parallel', ())))};\n    each starts as the base "
           f"model (max |diff| {max(step0[n] for n in PLACEMENTS):.0e}) and learned "
           + ", ".join(f"{n} {learned[n]:+.1%}" for n in PLACEMENTS)
-          + " answer-token accuracy.")
+          + " answer-token accuracy (one seed).")
     extra_flops = {n: flops[n] / flops["base"] - 1 for n in PLACEMENTS}
     slow = [n for n, v in adapter_over.items() if v > threshold]
     print(f"  Adapters cost inference: {'held' if all(extra_flops.values()) else 'did not hold'}"
@@ -432,13 +443,17 @@ def main(argv=None) -> dict:
           f"{lat['lora unmerged'] / lat['base'] - 1:+.1%} and "
           f"{flops['lora unmerged'] / flops['base'] - 1:+.1%} FLOPs unmerged).")
     order = sorted(runs, key=lambda n: -runs[n]["final"]["token_acc"])
-    print(f"  Row 12, quality at matched budgets: best {best} "
-          f"({runs[best]['final']['token_acc']:.1%} answer tokens); order: {' > '.join(order)}. "
+    act_rules = all(m["act_mib"] > m["grad_opt_mib"] for m in mem.values())
+    print(f"  Row 12, quality at matched budgets (one seed, so a gap of a few points may be "
+          f"noise): best {best}\n    ({runs[best]['final']['token_acc']:.1%} answer tokens); "
+          f"order: {' > '.join(order)}. "
           f"IA3 trains {counts['ia3']:,} numbers\n    ({counts['ia3'] / counts['lora']:.0%} "
           f"of LoRA's) to reach {runs['ia3']['final']['token_acc']:.1%}. Peak step memory "
           f"spans {min(m['peak_mib'] for m in mem.values()):.2f}-"
-          f"{max(m['peak_mib'] for m in mem.values()):.2f} MiB: at matched budgets the "
-          "activations, not the\n    trainable tensors, set it.")
+          f"{max(m['peak_mib'] for m in mem.values()):.2f} MiB: "
+          + ("the activations outweigh gradients + optimizer state in every method, so they,\n"
+             "    not the trainable tensors, set it." if act_rules else
+             "in some method gradients + optimizer state outweigh the activations."))
 
     out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -451,6 +466,7 @@ def main(argv=None) -> dict:
             "step0_diff": step0, "runs": runs, "memory": mem, "latency_ms": lat,
             "latency_median_ms": lat_median, "gen_flops": flops,
             "noise": noise, "threshold": threshold, "merge_diff": merge_diff,
+            "wraps": {k: sorted(v) for k, v in wraps.items()}, "row7_held": placed and start0,
             "plain_diff": plain_diff, "adapter_bytes": sizes, "figure": str(path),
             "seconds": seconds}
 

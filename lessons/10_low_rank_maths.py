@@ -90,6 +90,7 @@ from minipeft.lowrank import (
 from minipeft.nn import GPT
 from minipeft.peft import LoraConfig, LoRALinear, full_finetuning, get_peft_model
 from minipeft.train import TrainConfig, evaluate_lm, train
+from minipeft.verdicts import differs, spread
 
 SEED = 0
 BASE_SEED = 0               # the cached base every lesson adapts
@@ -100,6 +101,8 @@ EVAL_EXAMPLES, QUICK_EVAL_EXAMPLES = 300, 100
 EVAL_EVERY, QUICK_EVAL_EVERY = 25, 10   # learning-curve resolution (parts 3 and 6)
 EVAL_SEED = 1000            # the held-out set is the same whatever --seed says
 LORA_R = 8                  # the rank of parts 3-6
+LEARNED = 0.5               # a fine-tune "learned" when it closed half the base's answer-token gap
+PAPER_FACTOR = 21.5         # LoRA paper Table 7: GPT-3 W_q, r = 4
 R_BIG = 64                  # the "large" rank of part 4 (capped at half the width in --quick)
 ENERGY_RANKS = (1, 2, 4, 8, 16)
 EY_MATRIX = "blocks.0.attn.q_proj.weight"   # part 1's pretrained weight
@@ -168,8 +171,10 @@ def lora_layers(peft) -> dict:
 
 
 def score(model, evalset) -> dict:
-    s = evaluate_lm(model, *evalset)
-    return {"loss": s["loss"], "em": s["exact_match"]}
+    from minipeft.experiment import score as measure
+
+    s = measure(model, *evalset)
+    return {"loss": s["loss"], "em": s["exact_match"], "token_acc": s["token_acc"]}
 
 
 # --------------------------------------------------------------------------- (1) Eckart-Young
@@ -513,7 +518,8 @@ def part4_subspaces(lora8, lora_big, lora8b, init_A, r_big: int, d: int, seed: i
 
 
 # --------------------------------------------------------------------------- (5) amplification
-def part5_amplification(base_state, deltas, lora_deltas, r: int, seed: int, path: Path) -> dict:
+def part5_amplification(base_state, deltas, lora_deltas, lora_deltas_b, r: int, seed: int,
+                        lr_ratio: float, path: Path) -> dict:
     print(f"\n(5) Amplification (LoRA paper Table 7): W projected onto r = {r} directions\n")
     print(f"    {'matrix':<22} {'ΔW from':<8} {'||ΔW||':>8} {'ΔW dirs':>8} {'W dirs':>8} "
           f"{'random':>8} {'factor':>7} {'position':>9}")
@@ -535,19 +541,39 @@ def part5_amplification(base_state, deltas, lora_deltas, r: int, seed: int, path
           "1.4%, factor 21.5)")
     lora_rows = [v for (_, s), v in rows.items() if s == "LoRA"]
     above_random = all(v["proj_norm"] > v["random_norm"] for v in lora_rows)
-    mean_pos = float(np.mean([v["position"] for v in lora_rows]))
-    mean_factor = float(np.mean([v["factor"] for v in lora_rows]))
-    held = above_random and mean_pos < 0.5
-    print(f"\n    measured (LoRA): ΔW's directions project {'above' if above_random else 'NOT always above'}"  # noqa: E501
-          f" random ones, at {mean_pos:.0%} of the way to W's own\n    top directions; mean "
-          f"amplification factor {mean_factor:.2f}.")
+    # the same measures on the second seed's LoRA: the seeds' spread is the noise
+    per_seed = [(float(np.mean([v["position"] for v in lora_rows])),
+                 float(np.mean([v["factor"] for v in lora_rows])))]
+    pos_b, fac_b = [], []
+    for key, D in lora_deltas_b.items():
+        W = f64(base_state[key + ".weight"])
+        a = amplification(f64(D), W, r, seed=seed)
+        pos_b.append((a.proj_norm - a.random_norm) / (a.w_own_norm - a.random_norm))
+        fac_b.append(a.factor)
+    per_seed.append((float(np.mean(pos_b)), float(np.mean(fac_b))))
+    mean_pos, pos_sd = spread([p for p, _ in per_seed])
+    mean_factor, factor_sd = spread([f for _, f in per_seed])
+    # the finding: ΔW's directions are NOT W's loud ones: below halfway, by more than the spread
+    held = above_random and mean_pos + pos_sd < 0.5
+    print(f"\n    measured (LoRA, 2 seeds): ΔW's directions project {'above' if above_random else 'NOT always above'}"  # noqa: E501
+          f" random ones, at {mean_pos:.0%} ± {pos_sd:.0%} of the way to W's own\n    top "
+          f"directions (paper 1.4%); amplification factor {mean_factor:.2f} ± {factor_sd:.2f} "
+          f"(paper {PAPER_FACTOR}).")
     if held:
-        print("    The paper's finding held: the update amplifies directions W contains but "
-              f"does not emphasise\n    (more weakly than in GPT-3: {mean_pos:.0%} of the way "
-              "vs the paper's 1.4%).")
+        print("    The paper's direction finding held: the update amplifies directions W "
+              f"contains but does not emphasise\n    (more weakly than in GPT-3: "
+              f"{mean_pos:.0%} of the way vs the paper's 1.4%).")
     else:
-        print("    The paper's finding did not hold here: the update points mostly along "
-              "directions W already emphasises.")
+        print("    The paper's direction finding did not hold here: the update's directions "
+              "sit halfway or more toward\n    W's loudest ones (or within the seeds' spread of "
+              "it).")
+    print(f"    The factor is ||ΔW||_F over a projection of W, so it grows with how far training "
+          f"moved ΔW: with Adam,\n    about lr x steps. LoRA trained at {lr_ratio:g}x full "
+          f"FT's lr; at full FT's lr its factor would be about {mean_factor / lr_ratio:.2f}. "
+          f"Our factor is\n    "
+          + (f"{PAPER_FACTOR / mean_factor:.0f}x smaller" if mean_factor < PAPER_FACTOR else
+             f"{mean_factor / PAPER_FACTOR:.1f}x larger")
+          + " than the paper's, whose update came from a far longer run on a far larger model.")
     full_rows = [v for (_, s), v in rows.items() if s == "full FT"]
     full_pos = float(np.mean([v["position"] for v in full_rows]))
     full_factor = float(np.mean([v["factor"] for v in full_rows]))
@@ -571,13 +597,15 @@ def part5_amplification(base_state, deltas, lora_deltas, r: int, seed: int, path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return {"rows": {f"{k}|{s}": v for (k, s), v in rows.items()}, "held": held,
-            "mean_position": mean_pos, "mean_factor": mean_factor,
+            "mean_position": mean_pos, "mean_factor": mean_factor, "position_sd": pos_sd,
+            "factor_sd": factor_sd, "per_seed": per_seed, "paper_factor": PAPER_FACTOR,
+            "lr_ratio": lr_ratio,
             "full_position": full_pos, "full_factor": full_factor}
 
 
 # --------------------------------------------------------------------------- (6) PiSSA
 def part6_pissa(cfg, base_state, lora8_result, pissa, pissa_result, step0, evalset,
-                base_score, path: Path) -> dict:
+                base_score, path: Path, lora8_result_b=None, pissa_result_b=None) -> dict:
     def curve(res):
         return [0] + [e["step"] for e in res.evals], \
             [base_score["loss"]] + [e["loss"] for e in res.evals]
@@ -603,15 +631,33 @@ def part6_pissa(cfg, base_state, lora8_result, pissa, pissa_result, step0, evals
     target = l_def[-1]
     reach = next((s for s, v in zip(s_pis, l_pis, strict=True) if v <= target), None)
     half = len(l_def) // 2                      # evaluations in the first half of training
-    early = float(np.mean(np.log(l_pis[1:half + 1]) - np.log(l_def[1:half + 1])))
-    faster, better = early < 0, l_pis[-1] < l_def[-1]
-    print(f"\n    measured: over the first half of training PiSSA's held-out loss is "
-          f"{abs(np.expm1(early)):.0%} {'lower' if faster else 'higher'} (geometric mean); "
-          f"it ends at {l_pis[-1]:.3f} vs\n    default {l_def[-1]:.3f}"
-          + (f" and reached the default's final loss at step {reach} of {s_def[-1]}."
-             if reach is not None else " and never reached the default's final loss."))
-    print(f"    PiSSA's claims: faster convergence {'held' if faster else 'did NOT hold'}; "
-          f"better final loss {'held' if better else 'did NOT hold'} here.")
+
+    def early_final(res) -> tuple[float, float]:
+        """(mean log held-out loss over the first half of training, final loss)."""
+        ls = curve(res)[1]
+        return float(np.mean(np.log(ls[1:half + 1]))), ls[-1]
+
+    pairs = [(lora8_result, pissa_result)]
+    if lora8_result_b is not None and pissa_result_b is not None:
+        pairs.append((lora8_result_b, pissa_result_b))
+    d_early, d_final = zip(*(early_final(d) for d, _ in pairs))
+    p_early, p_final = zip(*(early_final(p) for _, p in pairs))
+    early = float(np.mean(p_early) - np.mean(d_early))
+    # PiSSA "faster" / "better" only when the gap beats the seeds' spread (sd + sd)
+    fast, good = differs(p_early, d_early), differs(p_final, d_final)
+    faster, better = fast == "less", good == "less"
+    word = {"less": "held", "more": "did NOT hold (PiSSA was worse)",
+            "within noise": "not shown: within the seeds' spread"}
+    print(f"\n    measured over {len(pairs)} seeds: in the first half of training PiSSA's "
+          f"held-out loss is {abs(np.expm1(early)):.0%} {'lower' if early < 0 else 'higher'} "
+          f"(geometric mean; seeds' spread of the log loss: {spread(p_early)[1] + spread(d_early)[1]:.3f});"  # noqa: E501
+          f"\n    final loss {spread(p_final)[0]:.3f} ± {spread(p_final)[1]:.3f} vs default "
+          f"{spread(d_final)[0]:.3f} ± {spread(d_final)[1]:.3f}"
+          + (f"; first seed: PiSSA reached the default's final loss at step {reach} of "
+             f"{s_def[-1]}." if reach is not None else
+             "; first seed: PiSSA never reached the default's final loss."))
+    print(f"    PiSSA's claims: faster convergence {word[fast]}; better final loss {word[good]} "
+          "here.")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for res, label in ((lora8_result, "default init"), (pissa_result, "PiSSA init")):
@@ -636,6 +682,9 @@ def part6_pissa(cfg, base_state, lora8_result, pissa, pissa_result, step0, evals
     plt.close(fig)
     return {"step0_ok": ok, "step0": step0, "curve_default": l_def, "curve_pissa": l_pis,
             "pissa_faster": faster, "pissa_better": better, "early_log_ratio": early,
+            "early": {"default": list(d_early), "pissa": list(p_early)},
+            "final_loss": {"default": list(d_final), "pissa": list(p_final)},
+            "faster_verdict": fast, "better_verdict": good,
             "reach_step": reach, "final": final}
 
 
@@ -694,9 +743,9 @@ def main(argv=None) -> dict:
     lora_big, _, times["lora_big"], _ = finetune(cfg, base_state,
                                               LoraConfig(r=r_big, alpha=2 * r_big), lr_lora,
                                               args.seed, run, desc=f"LoRA r={r_big}")
-    lora8b, _, times["lora8_seed2"], _ = finetune(cfg, base_state, lcfg, lr_lora,
-                                                  args.seed + 1, run,
-                                                  desc=f"LoRA r={LORA_R} seed 2")
+    lora8b, lora8b_res, times["lora8_seed2"], _ = finetune(cfg, base_state, lcfg, lr_lora,
+                                                           args.seed + 1, run, evalset,
+                                                           desc=f"LoRA r={LORA_R} seed 2")
     pcfg = LoraConfig(r=LORA_R, alpha=2 * LORA_R, init="pissa")
     x0 = evalset[0][:64]
     pissa0 = get_peft_model(model_from(cfg, base_state), pcfg, seed=args.seed)  # step 0
@@ -713,6 +762,9 @@ def main(argv=None) -> dict:
              "residual": float(bk.xp.max(bk.xp.abs(f64(layer0.base.weight.data) + dW0 - W0)))}
     pissa, pissa_res, times["pissa"], _ = finetune(cfg, base_state, pcfg, lr_lora, args.seed, run,
                                                 evalset, desc="PiSSA")
+    _, pissa_res_b, times["pissa_seed2"], _ = finetune(cfg, base_state, pcfg, lr_lora,
+                                                       args.seed + 1, run, evalset,
+                                                       desc="PiSSA seed 2")
     print("    fine-tunes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 
     base_score, ft_score = score(base, evalset), score(full, evalset)
@@ -728,8 +780,19 @@ def main(argv=None) -> dict:
     print(f"\n    measured: rank 8 keeps {kept8:.0%} of the fine-tune's loss drop; ΔW's top 8 "
           f"directions hold {spectra['mean_energy8']:.0%} of its energy (random "
           f"{spectra['random_energy8']:.0%}).")
+    # the question only makes sense for an update that did something: the fine-tune must have
+    # closed at least LEARNED of the base's answer-token gap on the new task
+    gain = (ft_score["token_acc"] - base_score["token_acc"]) / max(1 - base_score["token_acc"],
+                                                                   1e-9)
+    learned = gain >= LEARNED
+    print(f"    The full fine-tune answers {ft_score['token_acc']:.1%} of held-out answer tokens "
+          f"(base {base_score['token_acc']:.1%}; exact match {ft_score['em']:.1%}): it closed "
+          f"{gain:.0%} of the gap\n    (needed: {LEARNED:.0%}).")
     print("    'The update has low intrinsic rank': "
-          + ("held here -- a few directions carry most of it." if low and kept8 > 0.9 else
+          + ("cannot be judged here: the fine-tune has not learned its task yet (it closed "
+             f"less than {LEARNED:.0%} of the gap),\n    so its update is not yet the task's "
+             "update." if not learned else
+             "held here -- a few directions carry most of it." if low and kept8 > 0.9 else
              "held only partly here: the spectrum is steeper than noise, but a rank-8 cut "
              "loses part of what the update does." if low else
              "did NOT hold here: the update's spectrum is about as flat as noise."))
@@ -738,15 +801,17 @@ def main(argv=None) -> dict:
                                        base_score, ft_score, LORA_R)
     sub = part4_subspaces(lora8, lora_big, lora8b, init_A, r_big, d, args.seed,
                           figures["4_subspaces"])
-    amp = part5_amplification(base_state, deltas, lora_deltas, LORA_R, args.seed,
-                              figures["5_amplification"])
+    lora_deltas_b = {p: m.delta_weight("default") for p, m in lora_layers(lora8b).items()}
+    amp = part5_amplification(base_state, deltas, lora_deltas, lora_deltas_b, LORA_R, args.seed,
+                              lr_lora / lr_full, figures["5_amplification"])
     pis = part6_pissa(cfg, base_state, lora8_res, pissa, pissa_res, step0, evalset, base_score,
-                      figures["6_pissa"])
+                      figures["6_pissa"], lora8b_res, pissa_res_b)
 
     seconds = time.perf_counter() - start
     print(f"\nfigures saved to {out}/{OUT_PREFIX}_*.png; lesson ran in {seconds:.0f} s")
-    return {"eckart_young": ey, "spectra": spectra, "truncation": trunc, "lora_vs_truncation":
-            lora_vs, "subspaces": sub, "amplification": amp, "pissa": pis,
+    return {"ft_learned": learned, "ft_gain": gain, "eckart_young": ey, "spectra": spectra,
+            "truncation": trunc, "lora_vs_truncation": lora_vs, "subspaces": sub,
+            "amplification": amp, "pissa": pis,
             "base_score": base_score, "ft_score": ft_score, "r_big": r_big, "width": d,
             "figures": {k: str(v) for k, v in figures.items()}, "seconds": seconds}
 

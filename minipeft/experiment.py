@@ -129,6 +129,39 @@ class RunRecord:
         return self.a_em_before - self.a_em_after
 
 
+def score(model, x, y, ignore_index: int = -100, predictions: bool = False) -> dict:
+    """Held-out quality of ``model`` on (x, y): loss (nats per answer token), answer-token
+    accuracy (share of answer tokens predicted right: sees partial learning) and exact match
+    (every answer token right: equals greedy decoding). ``predictions=True`` adds the argmax
+    ids (n, T) on the host, for reading *what* the model answers."""
+    from minipeft.autograd import functional as F
+    from minipeft.autograd import no_grad
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    total, tokens, right, rows_ok, preds = 0.0, 0, 0, 0, []
+    with no_grad():
+        for i in range(0, len(x), 256):
+            xb, yb = bk.asarray(x[i:i + 256]), bk.asarray(y[i:i + 256])   # (b, T) each
+            logits = model(xb)                                            # (b, T, V)
+            counted = yb != ignore_index
+            n = int(counted.sum())
+            total += F.cross_entropy(logits, yb, ignore_index).item() * n
+            tokens += n
+            pred = logits.data.argmax(axis=-1)                            # (b, T)
+            right += int(((pred == yb) & counted).sum())
+            rows_ok += int(((pred == yb) | ~counted).all(axis=1).sum())
+            if predictions:
+                preds.append(bk.to_numpy(pred))
+    if was_training:
+        model.train()
+    out = {"loss": total / max(tokens, 1), "token_acc": right / max(tokens, 1),
+           "exact_match": rows_ok / max(len(x), 1)}
+    if predictions:
+        out["pred"] = bk.np.concatenate(preds)
+    return out
+
+
 def _task_a_em(model, mix_a, tasks_a, n) -> tuple[float, float]:
     scores = [evaluate_lm(model, *mix_a.eval_set(t, n)) for t in tasks_a]
     return (statistics.mean(s["exact_match"] for s in scores),
