@@ -377,3 +377,34 @@ def broadcast_to(a, shape) -> Tensor:
     except ValueError:
         raise ValueError(f"broadcast_to: cannot broadcast shape {a.shape} to {shape}") from None
     return Tensor._make(out, (a,), lambda g: (unbroadcast(g, a.shape),), "broadcast_to")
+
+
+# --------------------------------------------------------------------------- operators
+def _reshape_method(self, *shape):
+    return reshape(self, shape[0] if len(shape) == 1 else shape)
+
+
+def _transpose_method(self, *axes):
+    return transpose(self, axes or None)
+
+
+def _install_operators() -> None:
+    """Give ``Tensor`` its operators and methods, all here: ``tensor.py`` holds the engine and
+    imports no op, so the import runs one way (ops -> tensor) and there is no circle. Each entry
+    is the op itself (``a + b`` calls ``add(a, b)``), so an operator costs no extra call."""
+    T = Tensor
+    T.__add__, T.__radd__ = add, lambda self, o: add(o, self)
+    T.__sub__, T.__rsub__ = sub, lambda self, o: sub(o, self)
+    T.__mul__, T.__rmul__ = mul, lambda self, o: mul(o, self)
+    T.__truediv__, T.__rtruediv__ = div, lambda self, o: div(o, self)
+    T.__neg__, T.__pow__ = neg, pow
+    T.__matmul__, T.__rmatmul__ = matmul, lambda self, o: matmul(o, self)
+    T.__getitem__ = getitem
+    T.sum, T.mean, T.max = sum, mean, max
+    T.exp, T.log, T.sqrt, T.tanh, T.relu = exp, log, sqrt, tanh, relu
+    T.reshape, T.transpose = _reshape_method, _transpose_method
+    T.permute = _transpose_method
+    T.T = property(lambda self: transpose(self, None))
+
+
+_install_operators()

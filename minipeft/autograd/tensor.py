@@ -190,34 +190,8 @@ class Tensor:
         flag = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}, op={self.op})"
 
-    # Operators forward to the ops module (imported at the bottom: it needs Tensor first).
-    def __add__(self, o): return _ops.add(self, o)
-    def __radd__(self, o): return _ops.add(o, self)
-    def __sub__(self, o): return _ops.sub(self, o)
-    def __rsub__(self, o): return _ops.sub(o, self)
-    def __mul__(self, o): return _ops.mul(self, o)
-    def __rmul__(self, o): return _ops.mul(o, self)
-    def __truediv__(self, o): return _ops.div(self, o)
-    def __rtruediv__(self, o): return _ops.div(o, self)
-    def __neg__(self): return _ops.neg(self)
-    def __pow__(self, p): return _ops.pow(self, p)
-    def __matmul__(self, o): return _ops.matmul(self, o)
-    def __rmatmul__(self, o): return _ops.matmul(o, self)
-    def __getitem__(self, idx): return _ops.getitem(self, idx)
-    def sum(self, axis=None, keepdims=False): return _ops.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return _ops.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return _ops.max(self, axis, keepdims)
-    def exp(self): return _ops.exp(self)
-    def log(self): return _ops.log(self)
-    def sqrt(self): return _ops.sqrt(self)
-    def tanh(self): return _ops.tanh(self)
-    def relu(self): return _ops.relu(self)
-    def reshape(self, *shape): return _ops.reshape(self, shape[0] if len(shape) == 1 else shape)
-    def transpose(self, *axes): return _ops.transpose(self, axes or None)
-    permute = transpose
-
-    @property
-    def T(self): return _ops.transpose(self, None)
+    # The operators (+, -, *, /, @, indexing) and methods (sum, reshape, ...) are installed by
+    # ops.py, in one place: this file knows no op, so imports run one way (ops -> tensor).
 
 
 def _not_scalar(t: Tensor):
@@ -251,5 +225,3 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
         return Tensor(bk.xp.asarray(x, dtype=like.dtype))
     return Tensor(x)
 
-
-from minipeft.autograd import ops as _ops  # noqa: E402  (ops imports Tensor from here)
