@@ -61,7 +61,6 @@ import numpy as np  # host-side only: random batches, tables and the figure
 
 from minipeft import backend as bk
 from minipeft.memory import (
-    CONFIGS,
     gpt_activation_breakdown,
     gpt_activation_bytes,
     measure_step,
@@ -78,7 +77,8 @@ from minipeft.params import (
 from minipeft.peft import LoraConfig, full_finetuning, get_peft_model
 
 SEED = 0
-CONFIG = "S"                       # minipeft.memory.CONFIGS: V 512, C 128, 4 layers, 4 heads
+CONFIG = "S"                       # the study's small config (the bench's S too)
+MODEL = dict(vocab_size=512, n_embd=128, n_layer=4, n_head=4, block_size=128)
 BATCHES, CONTEXTS = (8, 16), (64, 128)
 QUICK_BATCHES, QUICK_CONTEXTS = (2, 4), (16, 32)
 LORA = dict(r=8, alpha=16)         # on q_proj and v_proj, as in the LoRA paper
@@ -515,9 +515,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    spec = dict(CONFIGS[CONFIG])
-    spec.pop("batch")
-    cfg = GPTConfig(**spec)
+    cfg = GPTConfig(**MODEL)
     batches, contexts = (QUICK_BATCHES, QUICK_CONTEXTS) if args.quick else (BATCHES, CONTEXTS)
     print(f"Lesson 03: the memory of full fine-tuning (config {CONFIG}, backend {bk.name}, "
           f"seed {args.seed}{', quick' if args.quick else ''})")

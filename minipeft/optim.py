@@ -11,6 +11,12 @@ AdamW (Loshchilov & Hutter), for each trainable parameter p with gradient g at s
     m = b1 m + (1 - b1) g              v = b2 v + (1 - b2) g^2
     p = p - lr * wd * p                (decoupled weight decay, not part of the gradient)
     p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+Weight decay applies to matrices only (tensors with ``ndim >= 2``: linear weights, embeddings,
+LoRA factors, soft prompts), as in nanoGPT and GPT-2's recipe: biases, layer-norm gains and IA3
+scales are offsets and scales, not weights whose size needs pulling towards 0 (decaying a
+layer-norm gain towards 0 silences the layer). So BitFit, which trains only biases, is not
+shrunk by a weight decay meant for matrices. ``decay_vectors=True`` decays every tensor.
 """
 
 from __future__ import annotations
@@ -33,11 +39,18 @@ def _check_params(params, who: str) -> list:
 
 
 class Optimizer:
-    def __init__(self, params, lr: float, who: str):
+    def __init__(self, params, lr: float, who: str, weight_decay: float = 0.0,
+                 decay_vectors: bool = False):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"{who}: lr must be > 0 and finite, got {lr}")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"{who}: weight_decay must be >= 0 and finite, got {weight_decay}")
         self.params = _check_params(params, who)
         self.lr = lr
+        self.weight_decay = weight_decay
+        # the decay each tensor gets: matrices only, unless decay_vectors (module docstring)
+        self.decay = [weight_decay if (p.ndim >= 2 or decay_vectors) else 0.0
+                      for p in self.params]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -59,18 +72,17 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * (g + wd p), with optional momentum buffer b = mu b + g."""
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(params, lr, "SGD")
-        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"SGD: weight_decay must be >= 0 and finite, got {weight_decay}")
-        self.momentum, self.weight_decay = momentum, weight_decay
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
+                 decay_vectors: bool = False):
+        super().__init__(params, lr, "SGD", weight_decay, decay_vectors)
+        self.momentum = momentum
         self.state = [{} for _ in self.params]
 
     def step(self) -> None:
-        for p, st in zip(self.params, self.state):
+        for p, st, wd in zip(self.params, self.state, self.decay):
             if p.grad is None:
                 continue
-            g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+            g = p.grad + wd * p.data if wd else p.grad
             if self.momentum:
                 buf = st.get("momentum")
                 st["momentum"] = g.copy() if buf is None else buf * self.momentum + g
@@ -82,15 +94,13 @@ class AdamW(Optimizer):
     """Adam with decoupled weight decay and bias correction (see the module docstring)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, lr, "AdamW")
+                 weight_decay: float = 0.0, decay_vectors: bool = False):
+        super().__init__(params, lr, "AdamW", weight_decay, decay_vectors)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"AdamW: betas must lie in [0, 1), got {betas}")
         if not eps > 0:                 # eps = 0: a zero gradient gives m / sqrt(v) = 0 / 0
             raise ValueError(f"AdamW: eps must be > 0, got {eps}")
-        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"AdamW: weight_decay must be >= 0 and finite, got {weight_decay}")
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.betas, self.eps = betas, eps
         self.t = 0
         xp = bk.xp
         self.state = [{"m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
@@ -101,7 +111,7 @@ class AdamW(Optimizer):
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, st in zip(self.params, self.state):
+        for p, st, wd in zip(self.params, self.state, self.decay):
             g = p.grad
             if g is None:
                 continue
@@ -113,8 +123,8 @@ class AdamW(Optimizer):
             update = xp.sqrt(v / c2)
             update += self.eps
             xp.divide(m / c1, update, out=update)
-            if self.weight_decay:
-                update += self.weight_decay * p.data
+            if wd:
+                update += wd * p.data
             update *= self.lr
             self._apply(p, update)
 

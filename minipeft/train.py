@@ -34,7 +34,7 @@ class TrainConfig:
     steps: int = 500              # optimizer steps
     batch_size: int = 64          # sequences per step
     lr: float = 3e-3              # peak learning rate
-    weight_decay: float = 0.0     # AdamW's decoupled decay (trainable parameters only)
+    weight_decay: float = 0.0     # AdamW's decoupled decay (trainable matrices only, ndim >= 2)
     warmup: int = 20              # linear warmup steps, then cosine decay
     min_lr_ratio: float = 0.1     # final lr = min_lr_ratio * lr
     grad_clip: float = 1.0        # global gradient-norm limit (0 = off)

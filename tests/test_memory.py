@@ -13,13 +13,12 @@ import pytest
 from minipeft import backend as bk
 from minipeft.autograd import Tensor
 from minipeft.memory import (
-    format_memory_table,
+    forward_with_groups,
     gpt_activation_breakdown,
     gpt_activation_bytes,
     graph_activations,
     measure_forward,
     measure_step,
-    memory_table,
     parameter_bytes,
     training_memory_formula,
 )
@@ -99,13 +98,11 @@ def test_graph_walk_equals_formula(cfg, B, method, dropout):
     """Exact: the formula lists every array our ops keep, the walk finds every array kept."""
     from dataclasses import replace
 
-    from minipeft.memory import _forward_with_groups
-
     cfg = replace(cfg, dropout=dropout)
     model = peft(cfg, full_finetuning() if method == "full" else bitfit())
     model.train()
     x, y = batch(cfg, B)
-    loss, groups = _forward_with_groups(model, x, y)
+    loss, groups = forward_with_groups(model, x, y)
     walk = graph_activations(loss, exclude=model.parameters() + [x, y], groups=groups)
     f = gpt_activation_breakdown(B, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head,
                                  cfg.vocab_size, 4, trainable_embeddings=method == "full",
@@ -132,6 +129,127 @@ def test_walk_counts_views_once_and_skips_parameters():
     assert walk["total"] == h.data.nbytes + (v * v).data.nbytes
 
 
+# --------------------------------------------------------------------------- declared workspace
+def _op_cases():
+    """(name, build) pairs: build() returns (output node, seed gradient) for one op at sizes
+    large enough (0.5-4 MiB) that NumPy's fixed per-call buffers do not matter."""
+    from minipeft.autograd import concatenate
+    from minipeft.autograd import functional as F
+    from minipeft.peft.lora import lora_linear
+
+    rng = np.random.default_rng(0)
+    B, T, C, H, V = 8, 128, 128, 4, 512
+    D = C // H
+
+    def t(*shape, grad=True):
+        return Tensor(rng.normal(size=shape).astype(np.float32), requires_grad=grad)
+
+    def ones(out):
+        return np.ones_like(out.data)
+
+    def case(fn):
+        def build():
+            out = fn()
+            return out, ones(out)
+        return build
+
+    def heads_split():                         # (B, T, C) -> (B, H, T, D): the g reaching the
+        out = t(B, T, C).reshape(B, T, H, D)    # reshape is a transpose's view, not contiguous
+        return out, np.ones((B, H, T, D), np.float32).transpose(0, 2, 1, 3)
+
+    return {
+        "gelu": case(lambda: F.gelu(t(B, T, 4 * C))),
+        "layer_norm x, w, b": case(lambda: F.layer_norm(t(B, T, C), t(C), t(C))),
+        "layer_norm x (frozen w, b)": case(lambda: F.layer_norm(t(B, T, C), t(C, grad=False),
+                                                                t(C, grad=False))),
+        "layer_norm w, b (BitFit's ln)": case(lambda: F.layer_norm(t(B, T, C, grad=False),
+                                                                    t(C), t(C))),
+        "attention q, k, v": case(lambda: F.attention(t(B, H, T, D), t(B, H, T, D),
+                                                      t(B, H, T, D))),
+        "attention v only": case(lambda: F.attention(t(B, H, T, D, grad=False),
+                                                     t(B, H, T, D, grad=False), t(B, H, T, D))),
+        "attention q only": case(lambda: F.attention(t(B, H, T, D), t(B, H, T, D, grad=False),
+                                                     t(B, H, T, D, grad=False))),
+        "cross_entropy": case(lambda: F.cross_entropy(t(B, T, V), rng.integers(0, V, (B, T)))),
+        "linear": case(lambda: F.linear(t(B, T, C), t(4 * C, C), t(4 * C))),
+        "linear, frozen weight": case(lambda: F.linear(t(B, T, C), t(4 * C, C, grad=False))),
+        "lora_linear": case(lambda: lora_linear(t(B, T, C), t(C, C, grad=False), None,
+                                                t(8, C), t(C, 8), 2.0)),
+        "softmax": case(lambda: F.softmax(t(B, T, C))),
+        "log_softmax": case(lambda: F.log_softmax(t(B, T, C))),
+        "embedding": case(lambda: F.embedding(t(V, C), rng.integers(0, V, (B, T)))),
+        "dropout": case(lambda: F.dropout(t(B, T, C), 0.1, True)),
+        "add": case(lambda: t(B, T, C) + t(B, T, C)),
+        "add, broadcast bias": case(lambda: t(B, T, C) + t(C)),
+        "mul, broadcast scale (IA3)": case(lambda: t(B, T, C) * t(C)),
+        "sub": case(lambda: t(B, T, C) - t(B, T, C)),
+        "div": case(lambda: t(B, T, C) / t(B, T, C)),
+        "matmul, broadcast weight": case(lambda: t(B, T, C) @ t(C, 4 * C)),
+        "reshape (heads split)": heads_split,
+        "transpose": case(lambda: t(B, T, H, D).transpose(0, 2, 1, 3)),
+        "concatenate": case(lambda: concatenate([t(B, T, C), t(B, 4, C)], axis=1)),
+        "exp": case(lambda: t(B, T, C).exp()),
+        "tanh": case(lambda: t(B, T, C).tanh()),
+        "max": case(lambda: t(B, T, C).max(axis=-1)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_each_op_declares_the_workspace_its_backward_really_uses(name):
+    """The memory module trusts each op's declared workspace (``Tensor._make(workspace=)``):
+    measure the backward's peak allocation with tracemalloc and hold the declaration to 5%
+    (plus 64 KiB for NumPy's per-call buffers). The old hand-written table (GELU 5 x its
+    output, layer norm 4 x, attention twice its probabilities) fails this by 25-150%."""
+    import gc
+    import tracemalloc
+
+    if bk.name != "numpy":
+        pytest.skip("tracemalloc sees NumPy's buffers only")
+    out, g = _op_cases()[name]()
+    declared = out._workspace
+    assert declared is not None, f"{name} declares no workspace"
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        grads = out._backward(g)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    del grads
+    assert abs(peak - declared) <= 0.05 * declared + 64 * 1024, \
+        f"{name}: declared {declared} bytes, measured {peak} ({peak / max(declared, 1):.3f}x)"
+
+
+def test_ops_declare_the_arrays_their_backward_keeps():
+    """What the walk counts beyond outputs comes from these declarations; each is the array the
+    backward formula needs (a second code path: the formulas in the ops' docstrings)."""
+    from minipeft.autograd import functional as F
+
+    x = Tensor(np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32),
+               requires_grad=True)
+    w, b = Tensor(np.ones(8, np.float32), requires_grad=True), Tensor(np.zeros(8, np.float32))
+    ln = F.layer_norm(x, w, b)
+    xhat, rstd = ln._saved
+    xn = bk.to_numpy(x.data)
+    mu, var = xn.mean(-1, keepdims=True), xn.var(-1, keepdims=True)
+    np.testing.assert_allclose(bk.to_numpy(xhat), (xn - mu) / np.sqrt(var + 1e-5), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(bk.to_numpy(rstd), 1 / np.sqrt(var + 1e-5), rtol=1e-5)
+    q = x.reshape(2, 1, 3, 8)
+    att = F.attention(q, q, q)
+    (p,) = att._saved
+    s = np.einsum("bhqd,bhkd->bhqk", bk.to_numpy(q.data), bk.to_numpy(q.data)) / np.sqrt(8)
+    s = s + np.triu(np.full((3, 3), -np.inf), 1)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(bk.to_numpy(p), e / e.sum(-1, keepdims=True), rtol=1e-5)
+    (t,) = F.gelu(x)._saved                                          # tanh(u)
+    u = np.sqrt(2 / np.pi) * (xn + 0.044715 * xn ** 3)
+    np.testing.assert_allclose(bk.to_numpy(t), np.tanh(u), rtol=1e-5, atol=1e-6)
+    ln.sum().backward()
+    assert ln._saved == () and ln._backward is None                  # freed with the graph
+
+
 # --------------------------------------------------------------------------- predicted vs measured
 def test_predicted_matches_measured(backend):
     """Numbers are printed (shown with ``-s`` or on failure)."""
@@ -146,7 +264,13 @@ def test_predicted_matches_measured(backend):
         assert m["activations"] == pytest.approx(p["activations"], rel=0.05)
         # W + O + the step's measured peak; the arrays a selective PEFT model keeps to undo
         # itself (m["other_resident"]) are resident too, but no part of the training step
-        assert m["peak_train"] == pytest.approx(p["peak"], rel=0.25)
+        # The prediction is an upper bound: the busiest op (the last block's GELU backward)
+        # runs after the head's softmax was freed and before most gradients exist. Measured
+        # here: 8% high for full FT, 4% for BitFit (G tiny). The old workspace table (GELU
+        # 5 x its output instead of 2 x) over-predicted both by more than 20%.
+        assert p["peak"] >= m["peak_train"]
+        tight = 0.06 if p["gradients"] < 0.01 * p["weights"] else 0.10
+        assert p["peak"] <= (1 + tight) * m["peak_train"], (p["peak"], m["peak_train"])
         assert m["peak_total"] == m["peak_train"] + m["other_resident"]
         assert sum(mem.per_layer.values()) == p["activations"]
 
@@ -193,17 +317,3 @@ def test_training_memory_formula():
         training_memory_formula(10, 1, optimizer="lion")
     with pytest.raises(ValueError, match="n_trainable"):
         training_memory_formula(10, 11)
-
-
-def test_memory_table_rows():
-    tiny = dict(name="tiny", vocab_size=64, n_embd=32, n_layer=1, n_head=2, block_size=16,
-                batch=2)
-    rows = memory_table([tiny], ("full", "bitfit"))
-    assert [(r["config"], r["method"]) for r in rows] == [("tiny", "full"), ("tiny", "bitfit")]
-    full, bf = rows
-    assert bf["gradients_predicted"] < full["gradients_predicted"]
-    assert full["weights_predicted"] == bf["weights_predicted"]
-    text = format_memory_table(rows)
-    assert "tiny" in text and "bitfit" in text
-    with pytest.raises(ValueError, match="unknown methods"):
-        memory_table([tiny], ("nope",))

@@ -53,7 +53,8 @@ def test_adamw_matches_the_update_written_out(float64, backend):
             m[k] = b1 * m[k] + (1 - b1) * g
             v[k] = b2 * v[k] + (1 - b2) * g * g
             m_hat, v_hat = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
-            ref[k] = ref[k] - lr * wd * ref[k]                     # decoupled: not via g
+            if ref[k].ndim >= 2:                                   # matrices only (nanoGPT)
+                ref[k] = ref[k] - lr * wd * ref[k]                 # decoupled: not via g
             ref[k] = ref[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
             np.testing.assert_allclose(host(params[k].data), ref[k], rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(host(opt.state[list(params).index(k)]["m"]), m[k],
@@ -82,7 +83,7 @@ def test_sgd_matches_the_update_written_out(float64, backend, momentum, wd):
         bowl_backward(params)
         opt.step()
         for k in ref:
-            g = A[k] * (ref[k] - C[k]) + wd * ref[k]               # L2 decay: part of g
+            g = A[k] * (ref[k] - C[k]) + (wd * ref[k] if ref[k].ndim >= 2 else 0)  # L2: in g
             if momentum:
                 buf[k] = g if buf[k] is None else momentum * buf[k] + g
                 g = buf[k]
@@ -285,3 +286,39 @@ def test_train_stops_on_a_bad_gradient_even_when_the_loss_is_finite(float64):
             pytest.raises(TrainingDivergedError, match=r"step 2: loss=0\.0, gradient norm=nan"):
         train(model, next_batch, cfg)
     assert np.array_equal(host(model.w.data), calls[2])
+
+
+@pytest.mark.parametrize("make", [AdamW, SGD])
+def test_weight_decay_shrinks_matrices_and_leaves_vectors_alone(make):
+    """With a zero gradient the update is the decay alone: a matrix shrinks by exactly
+    (1 - lr wd) (AdamW; SGD: the same, its decay rides in g), a vector does not move at all,
+    unless decay_vectors asks for it."""
+    w = Parameter(np.array([[1.0, -2.0], [0.5, 4.0]], dtype=np.float64))
+    b = Parameter(np.array([3.0, -1.0], dtype=np.float64))
+    for p in (w, b):
+        p.grad = bk.xp.zeros_like(p.data)
+    w0, b0 = host(w.data).copy(), host(b.data).copy()
+    make([w, b], lr=0.1, weight_decay=0.5).step()
+    np.testing.assert_allclose(host(w.data), w0 * (1 - 0.1 * 0.5), rtol=1e-12)
+    np.testing.assert_array_equal(host(b.data), b0)                 # bit for bit
+    make([w, b], lr=0.1, weight_decay=0.5, decay_vectors=True).step()
+    np.testing.assert_allclose(host(b.data), b0 * (1 - 0.1 * 0.5), rtol=1e-12)
+
+
+def test_bitfit_with_weight_decay_trains_its_biases_exactly_as_without():
+    """BitFit trains only biases (vectors): weight decay must not shrink them, so training with
+    wd = 0.5 and with wd = 0 gives bit-identical biases (two runs, same batches). Before the
+    ndim >= 2 rule the decayed run drifted away."""
+    from minipeft.peft import bitfit, get_peft_model
+
+    def run(wd):
+        model = get_peft_model(GPT(CFG, seed=0), bitfit())
+        assert all(p.ndim == 1 for p in model.trainable_parameters())
+        start = [host(p.data).copy() for p in model.trainable_parameters()]
+        train(model, batches(), TrainConfig(steps=8, batch_size=4, lr=0.05, weight_decay=wd,
+                                            warmup=0, progress=False))
+        return start, [host(p.data).copy() for p in model.trainable_parameters()]
+    (start, plain), (_, decayed) = run(0.0), run(0.5)
+    assert sum(not np.array_equal(a, b) for a, b in zip(start, plain)) >= len(start) - 1
+    for i, (a, b) in enumerate(zip(decayed, plain)):
+        np.testing.assert_array_equal(a, b, err_msg=f"bias {i}")

@@ -61,7 +61,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dw) if bias is None else (dx, dw, db)
-    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "linear")
+    # saves x2 (a view of x unless x was not contiguous); allocates only the gradients
+    grads = sum(t.data.nbytes for t in parents if t.requires_grad)
+    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "linear", saved=(x2,),
+                        workspace=grads)
 
 
 # --------------------------------------------------------------------------- activations
@@ -103,7 +106,8 @@ def gelu(x: Tensor) -> Tensor:
         d += w                                                      # + (1 + t)/2
         d *= g
         return (d,)
-    return Tensor._make(y, (x,), backward, "gelu")
+    # saves tanh(u); backward holds d (which becomes dx) and one temporary w: 2 x the output
+    return Tensor._make(y, (x,), backward, "gelu", saved=(t,), workspace=2 * y.nbytes)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -113,7 +117,8 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
     def backward(g):
         return (p * (g - (g * p).sum(axis=axis, keepdims=True)),)
-    return Tensor._make(p, (x,), backward, "softmax")
+    # g * p, then p * (g - ...): NumPy reuses the temporary in place (temporary elision)
+    return Tensor._make(p, (x,), backward, "softmax", workspace=p.nbytes)
 
 
 def _softmax(a, axis):
@@ -133,7 +138,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
     def backward(g):
         return (g - xp.exp(y) * g.sum(axis=axis, keepdims=True),)
-    return Tensor._make(y, (x,), backward, "log_softmax")
+    return Tensor._make(y, (x,), backward, "log_softmax", workspace=2 * y.nbytes)
 
 
 # --------------------------------------------------------------------------- loss
@@ -174,8 +179,9 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
         d[rows, safe_t] -= g / n
         d *= valid[:, None]
         return (d.reshape(logits.shape),)
+    # saves the softmax p (N, V) and three (N,) index arrays; backward makes d, logits-sized
     return Tensor._make(xp.asarray(loss, dtype=logits.dtype), (logits,), backward,
-                        "cross_entropy")
+                        "cross_entropy", saved=(p, rows, safe_t, valid), workspace=p.nbytes)
 
 
 # --------------------------------------------------------------------------- layer norm
@@ -221,7 +227,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         if bias is not None:
             grads.append(g2.sum(axis=0) if bias.requires_grad else None)
         return tuple(grads)
-    return Tensor._make(y, parents, backward, "layer_norm")
+    # saves xhat and rstd. Backward holds, each the size of the output: g * w (with a weight),
+    # dx (if x needs it), and g * xhat before its sum (if the weight trains): up to 3 x
+    n_big = (weight is not None) + x.requires_grad + (weight is not None and weight.requires_grad)
+    small = sum(t.data.nbytes for t in (weight, bias) if t is not None and t.requires_grad)
+    return Tensor._make(y, parents, backward, "layer_norm", saved=(xhat, rstd),
+                        workspace=n_big * y.nbytes + small)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -241,7 +252,8 @@ def embedding(weight: Tensor, ids) -> Tensor:
         dw = bk.xp.zeros_like(weight.data)
         bk.scatter_add(dw, ids.reshape(-1), g.reshape(-1, C))
         return (dw,)
-    return Tensor._make(out, (weight,), backward, "embedding")
+    return Tensor._make(out, (weight,), backward, "embedding", saved=(ids,),
+                        workspace=weight.data.nbytes)                # dW, the table's size
 
 
 # --------------------------------------------------------------------------- dropout
@@ -254,7 +266,9 @@ def dropout(x: Tensor, p: float, training: bool, rng=None) -> Tensor:
         return x
     rng = rng if rng is not None else bk.device_rng(None)
     mask = (rng.random(x.shape, dtype=bk.np.float32) >= p).astype(x.dtype) / (1.0 - p)
-    return Tensor._make(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+    out = x.data * mask
+    return Tensor._make(out, (x,), lambda g: (g * mask,), "dropout", saved=(mask,),
+                        workspace=out.nbytes)
 
 
 # --------------------------------------------------------------------------- attention
@@ -328,4 +342,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
                 dk = ds.swapaxes(-1, -2) @ q.data                   # (B, H, Tk, D)
                 dk *= scale
         return dq, dk, dv
-    return Tensor._make(out, (q, k, v), backward, "attention")
+    # saves P (B, H, Tq, Tk). Backward: dV, then dS the size of P (if q or k needs a gradient)
+    # beside g * out, then dQ, dK: P's size once, plus the gradients
+    grads = sum(t.data.nbytes for t in (q, k, v) if t.requires_grad)
+    ws = grads
+    if q.requires_grad or k.requires_grad:
+        dv = v.data.nbytes if v.requires_grad else 0
+        ws = p.nbytes + max(grads, dv + out.nbytes)
+    return Tensor._make(out, (q, k, v), backward, "attention", saved=(p,), workspace=ws)

@@ -35,6 +35,22 @@ def unbroadcast(g, shape: tuple):
     return g.reshape(shape)
 
 
+def _summed_bytes(shape: tuple, *inputs) -> int:
+    """Bytes of the gradients ``unbroadcast`` must sum (inputs that need a gradient and were
+    broadcast to ``shape``); where nothing was broadcast the gradient is ``g`` itself."""
+    return builtins.sum(t.data.nbytes for t in inputs if t.requires_grad and t.shape != shape)
+
+
+def _matmul_grad_bytes(t, out) -> int:
+    """Bytes of a matmul input's gradient: the product over every batch of ``out`` and, where
+    that was broadcast, the sum ``unbroadcast`` makes of it."""
+    n = 1
+    for d in out.shape[:-2]:
+        n *= d
+    full = n * t.shape[-2] * t.shape[-1] * t.data.itemsize
+    return full if full == t.data.nbytes else full + t.data.nbytes
+
+
 def _pair(op: str, a, b) -> tuple[Tensor, Tensor]:
     """Both operands as tensors on one backend, with broadcast-compatible shapes."""
     a = as_tensor(a, like=b if isinstance(b, Tensor) else None)
@@ -79,7 +95,10 @@ def add(a, b) -> Tensor:
     def backward(g):
         return (unbroadcast(g, a.shape) if a.requires_grad else None,
                 unbroadcast(g, b.shape) if b.requires_grad else None)
-    return Tensor._make(a.data + b.data, (a, b), backward, "add")
+    out = a.data + b.data
+    # g itself is passed on where no axis was broadcast: new bytes only for the summed ones
+    return Tensor._make(out, (a, b), backward, "add",
+                        workspace=_summed_bytes(out.shape, a, b))
 
 
 def sub(a, b) -> Tensor:
@@ -89,7 +108,9 @@ def sub(a, b) -> Tensor:
     def backward(g):
         return (unbroadcast(g, a.shape) if a.requires_grad else None,
                 unbroadcast(-g, b.shape) if b.requires_grad else None)
-    return Tensor._make(a.data - b.data, (a, b), backward, "sub")
+    out = a.data - b.data
+    return Tensor._make(out, (a, b), backward, "sub", workspace=_summed_bytes(out.shape, a, b)
+                        + (out.nbytes if b.requires_grad else 0))                 # -g
 
 
 def mul(a, b) -> Tensor:
@@ -99,7 +120,9 @@ def mul(a, b) -> Tensor:
     def backward(g):
         return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
                 unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
-    return Tensor._make(a.data * b.data, (a, b), backward, "mul")
+    out = a.data * b.data
+    return Tensor._make(out, (a, b), backward, "mul",                     # one g * x each
+                        workspace=out.nbytes * (a.requires_grad + b.requires_grad))
 
 
 def div(a, b) -> Tensor:
@@ -110,13 +133,15 @@ def div(a, b) -> Tensor:
     def backward(g):
         return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
                 unbroadcast(-g * out / b.data, b.shape) if b.requires_grad else None)
-    return Tensor._make(out, (a, b), backward, "div")
+    # g / b; -g, then * out and / b reuse -g's buffer in place (NumPy's temporary elision)
+    return Tensor._make(out, (a, b), backward, "div",
+                        workspace=out.nbytes * (a.requires_grad + b.requires_grad))
 
 
 def neg(a) -> Tensor:
     """-a.  d/da = -1."""
     a = as_tensor(a)
-    return Tensor._make(-a.data, (a,), lambda g: (-g,), "neg")
+    return Tensor._make(-a.data, (a,), lambda g: (-g,), "neg", workspace=a.data.nbytes)
 
 
 def pow(a, p: float) -> Tensor:  # noqa: A001  (mirrors the ** operator)
@@ -127,7 +152,7 @@ def pow(a, p: float) -> Tensor:  # noqa: A001  (mirrors the ** operator)
 
     def backward(g):
         return (g * p * a.data ** (p - 1),)
-    return Tensor._make(a.data ** p, (a,), backward, "pow")
+    return Tensor._make(a.data ** p, (a,), backward, "pow", workspace=2 * a.data.nbytes)
 
 
 def matmul(a, b) -> Tensor:
@@ -158,7 +183,9 @@ def matmul(a, b) -> Tensor:
             counters["matmul_grad"] += 1
             gb = unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape)
         return ga, gb
-    return Tensor._make(a.data @ b.data, (a, b), backward, "matmul")
+    out = a.data @ b.data
+    ws = builtins.sum(_matmul_grad_bytes(t, out) for t in (a, b) if t.requires_grad)
+    return Tensor._make(out, (a, b), backward, "matmul", workspace=ws)
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -166,33 +193,37 @@ def exp(a) -> Tensor:
     """exp(a).  d/da = exp(a)."""
     a = as_tensor(a)
     out = bk.xp.exp(a.data)
-    return Tensor._make(out, (a,), lambda g: (g * out,), "exp")
+    return Tensor._make(out, (a,), lambda g: (g * out,), "exp", workspace=out.nbytes)
 
 
 def log(a) -> Tensor:
     """log(a).  d/da = 1/a."""
     a = as_tensor(a)
-    return Tensor._make(bk.xp.log(a.data), (a,), lambda g: (g / a.data,), "log")
+    return Tensor._make(bk.xp.log(a.data), (a,), lambda g: (g / a.data,), "log",
+                        workspace=a.data.nbytes)
 
 
 def sqrt(a) -> Tensor:
     """sqrt(a).  d/da = 1 / (2 sqrt(a))."""
     a = as_tensor(a)
     out = bk.xp.sqrt(a.data)
-    return Tensor._make(out, (a,), lambda g: (g / (2 * out),), "sqrt")
+    return Tensor._make(out, (a,), lambda g: (g / (2 * out),), "sqrt", workspace=2 * out.nbytes)
 
 
 def tanh(a) -> Tensor:
     """tanh(a).  d/da = 1 - tanh(a)^2."""
     a = as_tensor(a)
     out = bk.xp.tanh(a.data)
-    return Tensor._make(out, (a,), lambda g: (g * (1 - out * out),), "tanh")
+    return Tensor._make(out, (a,), lambda g: (g * (1 - out * out),), "tanh",
+                        workspace=2 * out.nbytes)
 
 
 def relu(a) -> Tensor:
     """max(a, 0).  d/da = 1 where a > 0, else 0."""
     a = as_tensor(a)
-    return Tensor._make(bk.xp.maximum(a.data, 0), (a,), lambda g: (g * (a.data > 0),), "relu")
+    out = bk.xp.maximum(a.data, 0)
+    return Tensor._make(out, (a,), lambda g: (g * (a.data > 0),), "relu",    # the mask, g * it
+                        workspace=out.nbytes + out.size)
 
 
 def where(cond, a, b) -> Tensor:
@@ -212,7 +243,8 @@ def where(cond, a, b) -> Tensor:
         zero = bk.xp.zeros((), dtype=g.dtype)
         return (unbroadcast(bk.xp.where(cond, g, zero), a.shape) if a.requires_grad else None,
                 unbroadcast(bk.xp.where(cond, zero, g), b.shape) if b.requires_grad else None)
-    return Tensor._make(out, (a, b), backward, "where")
+    return Tensor._make(out, (a, b), backward, "where", saved=(cond,),
+                        workspace=out.nbytes * (a.requires_grad + b.requires_grad))
 
 
 def masked_fill(a, mask, value: float) -> Tensor:
@@ -227,7 +259,8 @@ def sum(a, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     a = as_tensor(a)
     axes = _axes(axis, a.ndim)
     out = bk.xp.asarray(a.data.sum(axis=axes, keepdims=keepdims))
-    return Tensor._make(out, (a,), lambda g: (_expand_reduced(g, a.shape, axes, keepdims),), "sum")
+    return Tensor._make(out, (a,), lambda g: (_expand_reduced(g, a.shape, axes, keepdims),),
+                        "sum", workspace=0)                     # a broadcast view of g
 
 
 def mean(a, axis=None, keepdims: bool = False) -> Tensor:
@@ -241,7 +274,7 @@ def mean(a, axis=None, keepdims: bool = False) -> Tensor:
 
     def backward(g):
         return (_expand_reduced(g / n, a.shape, axes, keepdims),)
-    return Tensor._make(out, (a,), backward, "mean")
+    return Tensor._make(out, (a,), backward, "mean", workspace=out.nbytes)      # g / n
 
 
 def max(a, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
@@ -256,7 +289,8 @@ def max(a, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
         hit = (a.data == kept).astype(g.dtype)
         hit /= hit.sum(axis=axes, keepdims=True)
         return (_expand_reduced(g, a.shape, axes, keepdims) * hit,)
-    return Tensor._make(out, (a,), backward, "max")
+    return Tensor._make(out, (a,), backward, "max", saved=(kept,),      # hit and the gradient
+                        workspace=2 * a.data.nbytes)
 
 
 # --------------------------------------------------------------------------- shape ops
@@ -269,7 +303,9 @@ def reshape(a, shape) -> Tensor:
     except ValueError:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {a.shape} "
                          f"({a.size} elements) into {shape}") from None
-    return Tensor._make(out, (a,), lambda g: (g.reshape(a.shape),), "reshape")
+    # g.reshape copies when g is not contiguous (the gradient of a transpose): count that copy
+    return Tensor._make(out, (a,), lambda g: (g.reshape(a.shape),), "reshape",
+                        workspace=a.data.nbytes)
 
 
 def transpose(a, axes=None) -> Tensor:
@@ -282,7 +318,7 @@ def transpose(a, axes=None) -> Tensor:
         raise ValueError(f"transpose: {axes} is not a permutation of the {a.ndim} axes")
     inverse = tuple(sorted(range(a.ndim), key=lambda i: axes[i]))
     return Tensor._make(a.data.transpose(axes), (a,),
-                        lambda g: (g.transpose(inverse),), "transpose")
+                        lambda g: (g.transpose(inverse),), "transpose", workspace=0)  # a view
 
 
 def swapaxes(a, ax1: int, ax2: int) -> Tensor:
@@ -314,7 +350,8 @@ def getitem(a, idx) -> Tensor:
         else:
             grad[idx] = g
         return (grad,)
-    return Tensor._make(out, (a,), backward, "getitem")
+    saved = tuple(i for i in (idx if isinstance(idx, tuple) else (idx,)) if bk.is_array(i))
+    return Tensor._make(out, (a,), backward, "getitem", saved=saved, workspace=a.data.nbytes)
 
 
 def _unwrap_index(idx):
@@ -353,7 +390,7 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
             sl[ax] = slice(lo, hi)
             grads.append(g[tuple(sl)] if t.requires_grad else None)
         return tuple(grads)
-    return Tensor._make(out, tuple(tensors), backward, "concatenate")
+    return Tensor._make(out, tuple(tensors), backward, "concatenate", workspace=0)  # g's slices
 
 
 def stack(tensors, axis: int = 0) -> Tensor:
@@ -376,4 +413,36 @@ def broadcast_to(a, shape) -> Tensor:
         out = bk.xp.broadcast_to(a.data, shape)
     except ValueError:
         raise ValueError(f"broadcast_to: cannot broadcast shape {a.shape} to {shape}") from None
-    return Tensor._make(out, (a,), lambda g: (unbroadcast(g, a.shape),), "broadcast_to")
+    return Tensor._make(out, (a,), lambda g: (unbroadcast(g, a.shape),), "broadcast_to",
+                        workspace=a.data.nbytes)                 # the sum over the new axes
+
+
+# --------------------------------------------------------------------------- operators
+def _reshape_method(self, *shape):
+    return reshape(self, shape[0] if len(shape) == 1 else shape)
+
+
+def _transpose_method(self, *axes):
+    return transpose(self, axes or None)
+
+
+def _install_operators() -> None:
+    """Give ``Tensor`` its operators and methods, all here: ``tensor.py`` holds the engine and
+    imports no op, so the import runs one way (ops -> tensor) and there is no circle. Each entry
+    is the op itself (``a + b`` calls ``add(a, b)``), so an operator costs no extra call."""
+    T = Tensor
+    T.__add__, T.__radd__ = add, lambda self, o: add(o, self)
+    T.__sub__, T.__rsub__ = sub, lambda self, o: sub(o, self)
+    T.__mul__, T.__rmul__ = mul, lambda self, o: mul(o, self)
+    T.__truediv__, T.__rtruediv__ = div, lambda self, o: div(o, self)
+    T.__neg__, T.__pow__ = neg, pow
+    T.__matmul__, T.__rmatmul__ = matmul, lambda self, o: matmul(o, self)
+    T.__getitem__ = getitem
+    T.sum, T.mean, T.max = sum, mean, max
+    T.exp, T.log, T.sqrt, T.tanh, T.relu = exp, log, sqrt, tanh, relu
+    T.reshape, T.transpose = _reshape_method, _transpose_method
+    T.permute = _transpose_method
+    T.T = property(lambda self: transpose(self, None))
+
+
+_install_operators()

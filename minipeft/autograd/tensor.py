@@ -49,8 +49,8 @@ def no_grad():
 class Tensor:
     """An array plus what reverse mode needs: ``grad``, ``requires_grad`` and its maker."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "op", "name",
-                 "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_saved",
+                 "_workspace", "op", "name", "__weakref__")
     __array_priority__ = 1000  # `ndarray + Tensor` defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, name: str | None = None):
@@ -69,13 +69,25 @@ class Tensor:
         self.grad = None
         self._parents: tuple = ()
         self._backward = None
+        self._saved: tuple = ()
+        self._workspace = None
         self.op = "leaf"
         self.name = name
 
     # ------------------------------------------------------------------ graph building
     @staticmethod
-    def _make(data, parents: tuple, backward, op: str) -> Tensor:
-        """Wrap an op's output; record the graph only if some input needs a gradient."""
+    def _make(data, parents: tuple, backward, op: str, saved: tuple = (),
+              workspace: int | None = None) -> Tensor:
+        """Wrap an op's output; record the graph only if some input needs a gradient.
+
+        Each op declares what its backward keeps and needs (as PyTorch's
+        ``ctx.save_for_backward``), so the memory module reads declarations, not closures:
+
+        * ``saved``: the arrays ``backward`` keeps beyond the inputs and the output (layer
+          norm's xhat and rstd, attention's probabilities, a dropout mask, ...);
+        * ``workspace``: the bytes ``backward`` allocates at its busiest moment, the
+          gradients it returns included (measured per op in tests/test_memory.py).
+        """
         out = Tensor.__new__(Tensor)
         # NumPy turns 0-d results into scalars (np.float64): keep every Tensor's data an array
         out.data = data if bk.is_array(data) else bk.xp.asarray(data)
@@ -86,10 +98,14 @@ class Tensor:
             out.requires_grad = True
             out._parents = parents
             out._backward = backward
+            out._saved = saved
+            out._workspace = workspace
         else:
             out.requires_grad = False
             out._parents = ()
             out._backward = None
+            out._saved = ()
+            out._workspace = None
         return out
 
     def backward(self, grad=None, retain_graph: bool = False) -> None:
@@ -142,7 +158,7 @@ class Tensor:
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:  # free the saved activations as soon as they are used
-                node._backward, node._parents = None, ()
+                node._backward, node._parents, node._saved = None, (), ()
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -190,34 +206,8 @@ class Tensor:
         flag = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}, op={self.op})"
 
-    # Operators forward to the ops module (imported at the bottom: it needs Tensor first).
-    def __add__(self, o): return _ops.add(self, o)
-    def __radd__(self, o): return _ops.add(o, self)
-    def __sub__(self, o): return _ops.sub(self, o)
-    def __rsub__(self, o): return _ops.sub(o, self)
-    def __mul__(self, o): return _ops.mul(self, o)
-    def __rmul__(self, o): return _ops.mul(o, self)
-    def __truediv__(self, o): return _ops.div(self, o)
-    def __rtruediv__(self, o): return _ops.div(o, self)
-    def __neg__(self): return _ops.neg(self)
-    def __pow__(self, p): return _ops.pow(self, p)
-    def __matmul__(self, o): return _ops.matmul(self, o)
-    def __rmatmul__(self, o): return _ops.matmul(o, self)
-    def __getitem__(self, idx): return _ops.getitem(self, idx)
-    def sum(self, axis=None, keepdims=False): return _ops.sum(self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return _ops.mean(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return _ops.max(self, axis, keepdims)
-    def exp(self): return _ops.exp(self)
-    def log(self): return _ops.log(self)
-    def sqrt(self): return _ops.sqrt(self)
-    def tanh(self): return _ops.tanh(self)
-    def relu(self): return _ops.relu(self)
-    def reshape(self, *shape): return _ops.reshape(self, shape[0] if len(shape) == 1 else shape)
-    def transpose(self, *axes): return _ops.transpose(self, axes or None)
-    permute = transpose
-
-    @property
-    def T(self): return _ops.transpose(self, None)
+    # The operators (+, -, *, /, @, indexing) and methods (sum, reshape, ...) are installed by
+    # ops.py, in one place: this file knows no op, so imports run one way (ops -> tensor).
 
 
 def _not_scalar(t: Tensor):
@@ -251,5 +241,3 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
         return Tensor(bk.xp.asarray(x, dtype=like.dtype))
     return Tensor(x)
 
-
-from minipeft.autograd import ops as _ops  # noqa: E402  (ops imports Tensor from here)

@@ -260,7 +260,12 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dW, dA, dB) if b is None else (dx, dW, dA, dB, db)
-    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "lora_linear")
+    # saves x2 (a view of x) and the thin h (N, r); backward allocates the gradients, gB and
+    # s * gB (N, r), and one x-sized temporary for dx's second product
+    ws = sum(t.data.nbytes for t in parents if t.requires_grad) + 2 * h.nbytes \
+        + (x.data.nbytes if x.requires_grad else 0)
+    return Tensor._make(y.reshape(*lead, n_out), parents, backward, "lora_linear",
+                        saved=(x2, h), workspace=ws)
 
 
 # ============================================================================ the layers
