@@ -115,15 +115,16 @@ def study_data(cfg: RealTextConfig):
 
 
 def run_method(method: str, seed: int, lr: float, base, code, eval_b, eval_a,
-               cfg: RealTextConfig, T: int) -> RealTextRun:
-    """Continue training a fresh copy of ``base`` on code with ``method``; the path."""
+               cfg: RealTextConfig, T: int, marks=None) -> RealTextRun:
+    """Continue training a fresh copy of ``base`` on code with ``method``; the path, evaluated
+    at step 0 and at ``marks`` (default: :func:`log_steps`)."""
     from minipeft.peft import get_peft_model
 
     spec = method_specs()[method]
     fresh = GPT(base.config)
     fresh.load_state_dict(base.state_dict())
     model = get_peft_model(fresh, spec.build(), seed=seed)
-    marks = set(log_steps(cfg.steps))
+    marks = set(log_steps(cfg.steps) if marks is None else marks)
     path = [{"step": 0, **evaluate_domains(model, eval_b, eval_a)}]
 
     def checkpoint(step):
@@ -197,7 +198,8 @@ def verdicts(runs, origin: dict, reference: str = "full") -> list[dict]:
     The matched level is the highest final code loss among both methods' seeds: every path
     reaches it. ``forgot`` is the Shakespeare increase over the base there, per seed (mean and
     spread); ``verdict`` is "forgets less" / "forgets more" when the difference of means exceeds
-    the larger of the two spreads (and a floor of 0.01 bits/char), else "comparable"; a method
+    the larger of the two spreads (and a floor of 0.01 bits/char), else "comparable"; with
+    fewer than two seeds on either side the spread is unknown and no verdict is given; a method
     whose code loss did not fall by ``LEARNED_MIN`` below the base's "learned no code", and is
     not compared (it has not forgotten less: it has not moved).
     """
@@ -221,6 +223,8 @@ def verdicts(runs, origin: dict, reference: str = "full") -> list[dict]:
                "full_spread": spread(ref), "verdict": "-"}
         if final_b[method] > origin["b"] - LEARNED_MIN:
             row["verdict"] = "learned no code"
+        elif method != reference and (len(own) < 2 or len(ref) < 2):
+            row["verdict"] = "one seed: no spread"
         elif method != reference and own and ref:
             margin = max(row["forgot_spread"], row["full_spread"], 0.01)
             diff = row["full_forgot"] - row["forgot"]
@@ -240,6 +244,12 @@ def overall_verdict(rows) -> str:
         return "Full fine-tuning learned no code here, so nothing can be compared." + tail
     peft = [r for r in rows if r["method"] != "full" and r["verdict"] in
             ("forgets less", "forgets more", "comparable")]
+    single = [r for r in rows if r["verdict"] == "one seed: no spread"]
+    if single and not peft:
+        diffs = ", ".join(f"{r['method']} {r['forgot'] - r['full_forgot']:+.3f}" for r in single)
+        return ("One seed only: the seeds' spread is unknown, so no verdict is given. Shakespeare "
+                f"increase at matched code loss minus full fine-tuning's (bits/char): {diffs}."
+                + tail)
     if not peft:
         return "No PEFT method could be compared with full fine-tuning at matched code loss." \
             + tail
@@ -268,19 +278,29 @@ def pareto_front(points: dict) -> list[str]:
                        for m2, (b2, a2) in points.items() if m2 != m)]
 
 
-def table(rows) -> str:
-    head = ("| method | trainable % | lr | code bits/char (final) | Shakespeare bits/char (final) "
-            "| matched code level | Shakespeare increase at matched code (± seed spread) "
-            "| full FT's at that level | verdict |")
-    lines = [head, "|" + "---|" * 9]
+TABLE_HEAD = ["method", "trainable %", "lr", "code bits/char (final)",
+              "Shakespeare bits/char (final)", "matched code level",
+              "Shakespeare increase at matched code (± seed spread)", "full FT's at that level",
+              "verdict"]
+
+
+def table_cells(rows) -> list[list[str]]:
+    """The table's cells, one list per method, in the order of :data:`TABLE_HEAD`."""
+    cells = []
     for r in rows:
         f = "-" if r["forgot"] is None else f"{r['forgot']:+.3f} ± {r['forgot_spread']:.3f}"
         g = "-" if r["full_forgot"] is None else \
             f"{r['full_forgot']:+.3f} ± {r['full_spread']:.3f}"
-        lines.append(f"| {r['method']} | {r['trainable_pct']:.3g} | {r['lr']:.0e} | "
-                     f"{r['final_b']:.3f} | {r['final_a']:.3f} | {r['level']:.3f} | {f} | {g} | "
-                     f"{r['verdict']} |")
-    return "\n".join(lines)
+        cells.append([r["method"], f"{r['trainable_pct']:.3g}", f"{r['lr']:.0e}",
+                      f"{r['final_b']:.3f}", f"{r['final_a']:.3f}", f"{r['level']:.3f}", f, g,
+                      r["verdict"]])
+    return cells
+
+
+def table(rows) -> str:
+    """The table in markdown."""
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in table_cells(rows)])
 
 
 # ---------------------------------------------------------------------------- figures
@@ -338,7 +358,7 @@ def sweep(methods=METHODS, base: str = "shakespeare", factors=(0.3, 1.0, 3.0),
             lr = float(f"{default * f:.0e}")
             try:
                 run = run_method(method, 0, lr, model, code, eval_b, eval_a, cfg,
-                                 info["length"])
+                                 info["length"], marks={steps})
                 out[method][lr] = round(run.path[-1]["b"], 4)
             except FloatingPointError:
                 out[method][lr] = math.inf

@@ -1,8 +1,11 @@
 """``minipeft tour``, ``compare`` and ``finetune``: the study and single runs, from the shell.
 
-The tour is the README's main job: load (or pretrain) the base model, fine-tune it on task B
-with one method of each kind, and write what was measured into ``./minipeft-out/``:
-``table.md``, ``results.csv``, five figures and ``report.html`` (figures inline).
+The tour is the README's main job. First the real-text study (:mod:`minipeft.realtext`): a
+Shakespeare base continues training on Python code with every method; its path figure, table and
+verdict lead the report. Then the synthetic study: the task base fine-tuned on task B with one
+method of each kind. Written into ``./minipeft-out/``: ``realtext_paths.png``,
+``realtext_table.md``, ``table.md``, ``results.csv``, five figures and ``report.html`` (figures
+inline, the real-text section first).
 
 ``finetune`` trains one method on a built-in task (``--task``) or on your own text file
 (``--text``, on the Shakespeare base of :mod:`minipeft.base`, in its BPE) and saves the adapter.
@@ -21,6 +24,9 @@ from minipeft.report import markdown_table, write_report
 TOUR_METHODS = ("full", "last1", "bitfit", "mask10", "lora_r1_qv", "lora_r8_qv", "lora_r8_all",
                 "houlsby", "pfeiffer", "prompt16", "prefix8", "ia3")
 QUICK_METHODS = ("full", "bitfit", "lora_r8_qv", "houlsby", "prompt16", "ia3")
+# the synthetic study after the real-text one: fewer methods, so both fit in about 5 minutes
+SYNTHETIC_METHODS = ("full", "lora_r8_qv", "prompt16", "ia3")
+REAL_QUICK_METHODS = ("full", "lora_r8_all", "ia3")
 
 NOTES = ("Base model pretrained on task A (the skills listed in the table's 'task A' columns); "
          "each method then trains on task B for the same number of steps and tokens, from the "
@@ -31,22 +37,65 @@ NOTES = ("Base model pretrained on task A (the skills listed in the table's 'tas
          "'A EM at matched B' column, filled only where task B reached the match level.")
 
 
+REAL_NOTES = ("A GPT pretrained on 34 of Shakespeare's plays continues training on Python's "
+              "standard library with each method, same steps and tokens, own learning rate. Each "
+              "path runs from the base's point (the star, where an adapter switched off returns) "
+              "through held-out code loss (learned) and held-out-play loss (forgotten), adapter "
+              "active. Forgetting is compared at matched code loss, not at the end.")
+
+
+def real_text_section(out: Path, quick: bool, seed: int, log=print) -> dict:
+    """The real-text study (minipeft.realtext), compact: its figure, table and verdict."""
+    from minipeft import realtext as rt
+
+    cfg = rt.RealTextConfig(
+        base="shakespeare_quick" if quick else "shakespeare",
+        methods=REAL_QUICK_METHODS if quick else rt.METHODS, seeds=(seed, seed + 1),
+        steps=40 if quick else 80, eval_windows=16 if quick else 32, progress=not quick)
+    log(f"minipeft tour: real text first, {len(cfg.methods)} methods x {cfg.steps} steps of "
+        f"Python code from the {cfg.base!r} base{' (quick)' if quick else ''}")
+    runs, origin = rt.run_realtext(cfg, log=log)
+    rows = rt.verdicts(runs, origin)
+    verdict = rt.overall_verdict(rows)
+    moved = [r["method"] for r in rows if r["verdict"] != "learned no code"
+             and r["final_a"] > origin["a"] + 0.01]
+    if quick and ("full" not in moved or len(moved) < 2):
+        verdict += (" Quick mode cannot answer the question: it needs full fine-tuning and at "
+                    "least one PEFT method that both learn code and forget plays (here: "
+                    f"{', '.join(moved) or 'none'}); run the tour without --quick.")
+    out.mkdir(parents=True, exist_ok=True)
+    figure = out / "realtext_paths.png"
+    rt.plot_paths(runs, origin, figure, title="Shakespeare base learning Python code: paths "
+                  f"(mean of seeds {seed}, {seed + 1})")
+    (out / "realtext_table.md").write_text(rt.table(rows) + "\n\n" + verdict + "\n")
+    log("\n" + rt.table(rows) + "\n\n" + verdict + "\n")
+    return {"title": "Real text: Shakespeare base, continued training on Python code",
+            "text": verdict, "head": rt.TABLE_HEAD, "rows": rt.table_cells(rows),
+            "figure": figure, "notes": REAL_NOTES, "runs": runs, "origin": origin,
+            "caption": "paths in the (held-out code, held-out plays) plane, bits per character"}
+
+
 def tour(out_dir="minipeft-out", quick: bool = False, seed: int = 0, log=print) -> dict:
-    """Run the compact study and write its report; returns the written paths."""
+    """Run the real-text study, then the compact synthetic study, and write one report (the
+    real-text section first); returns the records and the written paths."""
     start = time.perf_counter()
+    lead = real_text_section(Path(out_dir), quick, seed, log)
     study = StudyConfig(base="quick" if quick else "default", task_b="shift",
-                        methods=QUICK_METHODS if quick else TOUR_METHODS, seeds=(seed,),
+                        methods=QUICK_METHODS if quick else SYNTHETIC_METHODS, seeds=(seed,),
                         steps=40 if quick else 200, eval_every=10 if quick else 20,
                         eval_examples=64 if quick else 300, gen_tokens=4 if quick else 16,
                         batch_size=32 if quick else 64, progress=not quick)
-    log(f"minipeft tour: {len(study.methods)} methods, {study.steps} steps each on task "
-        f"{study.task_b!r}{' (quick)' if quick else ''}")
+    log(f"then the synthetic study: {len(study.methods)} methods, {study.steps} steps each on "
+        f"task {study.task_b!r}{' (quick)' if quick else ''}")
     records = run_study(study, log=log)
-    paths = write_report(records, out_dir, notes=NOTES)
+    paths = write_report(records, out_dir, notes=NOTES,
+                         lead={k: v for k, v in lead.items() if k not in ("runs", "origin")})
+    paths.update(realtext_figure=lead["figure"], realtext_table=Path(out_dir) /
+                 "realtext_table.md")
     log("\n" + markdown_table(records) + "\n")
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
     log(f"tour finished in {time.perf_counter() - start:.0f} s")
-    return {"records": records, "paths": paths}
+    return {"records": records, "paths": paths, "realtext": lead}
 
 
 def compare_cli(args) -> int:

@@ -140,4 +140,7 @@ def test_verdicts_need_a_difference_larger_than_the_seed_spread():
     rows = rt.verdicts(full + worse, origin)
     assert rows[1]["verdict"] == "forgets more"
     assert "no PEFT method forgot less" in rt.overall_verdict(rows)
+    one = rt.verdicts(full[:1] + less[:1], origin)                # one seed each
+    assert one[1]["verdict"] == "one seed: no spread"
+    assert "no verdict" in rt.overall_verdict(one) and "lora -0.400" in rt.overall_verdict(one)
     assert rt.pareto_front({"a": (1, 2), "b": (2, 1), "c": (2, 2)}) == ["a", "b"]
