@@ -50,8 +50,8 @@ def _print_real_base(info: dict) -> None:
           f"{info['unigram_nats_per_char']:.3f} nats/char on held-out plays")
     print(f"  {info['sample_words_in_corpus']:.0%} of the sampled words occur in the plays; "
           "three samples:")
-    for sample in info["samples"]:
-        print("    | " + sample.strip().replace("\n", "\n    | "))
+    for i, sample in enumerate(info["samples"], 1):
+        print(f"  sample {i}:\n    | " + sample.strip().replace("\n", "\n    | "))
 
 
 def _cmd_params(args) -> int:
