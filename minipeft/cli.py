@@ -31,11 +31,27 @@ def _cmd_pretrain(args) -> int:
     model, info = load_base(args.base, seed=args.seed, retrain=args.retrain)
     print(f"base {args.base!r}: {info['num_parameters']:,} parameters, tasks "
           f"{', '.join(info['tasks'])}, trained in {info['seconds']} s")
+    if "bits_per_char" in info:   # a Shakespeare base: per token, per character, samples
+        _print_real_base(info)
+        return 0
     for task, loss in info["eval_loss"].items():
         em = info["exact_match"].get(task)
         print(f"  {task:<10} held-out " + ("" if em is None else f"exact match {em:7.1%}   ") +
               f"loss {loss:.4f}" + (" nats per character" if task == "text" else ""))
     return 0
+
+
+def _print_real_base(info: dict) -> None:
+    for dom, loss in info["eval_loss"].items():
+        print(f"  held-out {dom:<12} {loss:.3f} nats/token  {info['nats_per_char'][dom]:.3f} "
+              f"nats/char  {info['bits_per_char'][dom]:.3f} bits/char  "
+              f"({info['chars_per_token'][dom]:.2f} chars/token)")
+    print(f"  unigram baseline (token frequencies, no context): "
+          f"{info['unigram_nats_per_char']:.3f} nats/char on held-out plays")
+    print(f"  {info['sample_words_in_corpus']:.0%} of the sampled words occur in the plays; "
+          "three samples:")
+    for i, sample in enumerate(info["samples"], 1):
+        print(f"  sample {i}:\n    | " + sample.strip().replace("\n", "\n    | "))
 
 
 def _cmd_params(args) -> int:
@@ -163,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train or load the cached base model",
                        epilog="example: minipeft pretrain --base quick")
     p.add_argument("--base", default="default",
-                   choices=["default", "quick", "language", "text"])
+                   choices=["default", "quick", "language", "text", "shakespeare",
+                            "shakespeare_quick"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
     p.set_defaults(fn=_cmd_pretrain)
@@ -171,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune", help="fine-tune with one method and save the adapter",
         description="Fine-tune one method on a built-in task (--task) or on your own text file\n"
-        "(--text) and save the adapter. --text adapts the character-level 'text' base\n"
-        "(pretrained on first use, under 2 minutes): characters outside printable ASCII and\n"
-        "newline are encoded as one unknown id and counted; the last 10% of the file is held\n"
-        "out, and the validation loss is printed before and after.",
+        "(--text) and save the adapter. --text adapts the Shakespeare base (pretrained on\n"
+        "first use, about 5 minutes) in its byte-level BPE: any UTF-8 text encodes; the last\n"
+        "10% of the file is held out, and the validation loss is printed before and after,\n"
+        "per token and per character.",
         epilog="examples:\n  minipeft finetune --method lora --task sort --out adapters/sort\n"
         "  minipeft finetune --method lora --text notes.txt --steps 500 --out adapters/notes",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own")
     p.add_argument("--base", default=None, choices=["default", "quick"],
-                   help="base for --task (default: default); --text always uses 'text'")
+                   help="base for --task (default: default); --text always uses 'shakespeare'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the adapter")
     p.set_defaults(fn=_cmd_finetune)

@@ -232,7 +232,27 @@ def method_sentence(recs) -> str:
             f"({100 * b:.0f}%) and {forgot} ({100 * f:.0f} points lost).")
 
 
-def write_html(records, figs: dict, path: Path, title: str, notes: str = "") -> None:
+def _img(p: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
+
+
+def lead_html(lead: dict | None) -> str:
+    """A section placed before the synthetic study: ``lead`` holds a ``title``, a ``text`` (the
+    verdict), ``head`` and ``rows`` (table cells), ``notes`` and a ``figure`` path."""
+    if not lead:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in lead["head"])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in lead["rows"])
+    return (f"<h2>{html.escape(lead['title'])}</h2><p><b>{html.escape(lead['text'])}</b></p>"
+            f"<figure>{_img(Path(lead['figure']))} alt=\"real-text paths\"><figcaption>"
+            f"{html.escape(lead.get('caption', ''))}</figcaption></figure>"
+            f"<p>{html.escape(lead.get('notes', ''))}</p><table><tr>{head}</tr>{body}</table>"
+            "<h2>The synthetic study</h2>")
+
+
+def write_html(records, figs: dict, path: Path, title: str, notes: str = "",
+               lead: dict | None = None) -> None:
     imgs = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
         f' alt="{k}"><figcaption>{k.replace("_", " ")}</figcaption></figure>'
@@ -247,19 +267,20 @@ def write_html(records, figs: dict, path: Path, title: str, notes: str = "") -> 
 body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
 img{{max-width:100%}}figure{{display:inline-block;max-width:48%;margin:0.5em}}
-</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
+</style></head><body><h1>{html.escape(title)}</h1>{lead_html(lead)}<p>{html.escape(notes)}</p>
 <table><tr>{head}</tr>{body}</table><h2>In one sentence each</h2><ul>{sentences}</ul>
 <h2>Figures</h2>{imgs}</body></html>""")
 
 
 def write_report(records, out, title: str = "minipeft: every method side by side",
-                 notes: str = "") -> dict:
-    """Table (markdown), CSV, figures and the HTML page into ``out``; returns the paths."""
+                 notes: str = "", lead: dict | None = None) -> dict:
+    """Table (markdown), CSV, figures and the HTML page into ``out``; returns the paths.
+    ``lead`` (see :func:`lead_html`) puts another study's section first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown_table(records) + "\n")
     write_csv(records, out / "results.csv")
     figs = write_figures(records, out)
-    write_html(records, figs, out / "report.html", title, notes)
+    write_html(records, figs, out / "report.html", title, notes, lead)
     return {"table": out / "table.md", "csv": out / "results.csv",
             "html": out / "report.html", **figs}

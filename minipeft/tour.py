@@ -1,11 +1,14 @@
 """``minipeft tour``, ``compare`` and ``finetune``: the study and single runs, from the shell.
 
-The tour is the README's main job: load (or pretrain) the base model, fine-tune it on task B
-with one method of each kind, and write what was measured into ``./minipeft-out/``:
-``table.md``, ``results.csv``, five figures and ``report.html`` (figures inline).
+The tour is the README's main job. First the real-text study (:mod:`minipeft.realtext`): a
+Shakespeare base continues training on Python code with every method; its path figure, table and
+verdict lead the report. Then the synthetic study: the task base fine-tuned on task B with one
+method of each kind. Written into ``./minipeft-out/``: ``realtext_paths.png``,
+``realtext_table.md``, ``table.md``, ``results.csv``, five figures and ``report.html`` (figures
+inline, the real-text section first).
 
 ``finetune`` trains one method on a built-in task (``--task``) or on your own text file
-(``--text``, on the character-level "text" base of :mod:`minipeft.base`) and saves the adapter.
+(``--text``, on the Shakespeare base of :mod:`minipeft.base`, in its BPE) and saves the adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from minipeft.report import markdown_table, write_report
 TOUR_METHODS = ("full", "last1", "bitfit", "mask10", "lora_r1_qv", "lora_r8_qv", "lora_r8_all",
                 "houlsby", "pfeiffer", "prompt16", "prefix8", "ia3")
 QUICK_METHODS = ("full", "bitfit", "lora_r8_qv", "houlsby", "prompt16", "ia3")
+# the synthetic study after the real-text one: fewer methods, so both fit in about 5 minutes
+SYNTHETIC_METHODS = ("full", "lora_r8_qv", "prompt16", "ia3")
+REAL_QUICK_METHODS = ("full", "lora_r8_all", "ia3")
 
 NOTES = ("Base model pretrained on task A (the skills listed in the table's 'task A' columns); "
          "each method then trains on task B for the same number of steps and tokens, from the "
@@ -32,23 +38,66 @@ NOTES = ("Base model pretrained on task A (the skills listed in the table's 'tas
          "'A EM at matched B' column, filled only where task B reached the match level.")
 
 
+REAL_NOTES = ("A GPT pretrained on 34 of Shakespeare's plays continues training on Python's "
+              "standard library with each method, same steps and tokens, own learning rate. Each "
+              "path runs from the base's point (the star, where an adapter switched off returns) "
+              "through held-out code loss (learned) and held-out-play loss (forgotten), adapter "
+              "active. Forgetting is compared at matched code loss, not at the end.")
+
+
+def real_text_section(out: Path, quick: bool, seed: int, log=print) -> dict:
+    """The real-text study (minipeft.realtext), compact: its figure, table and verdict."""
+    from minipeft import realtext as rt
+
+    cfg = rt.RealTextConfig(
+        base="shakespeare_quick" if quick else "shakespeare",
+        methods=REAL_QUICK_METHODS if quick else rt.METHODS, seeds=(seed, seed + 1),
+        steps=40 if quick else 80, eval_windows=16 if quick else 32, progress=not quick)
+    log(f"minipeft tour: real text first, {len(cfg.methods)} methods x {cfg.steps} steps of "
+        f"Python code from the {cfg.base!r} base{' (quick)' if quick else ''}")
+    runs, origin = rt.run_realtext(cfg, log=log)
+    rows = rt.verdicts(runs, origin)
+    verdict = rt.overall_verdict(rows)
+    moved = [r["method"] for r in rows if r["verdict"] != "learned no code"
+             and r["final_a"] > origin["a"] + 0.01]
+    if quick and ("full" not in moved or len(moved) < 2):
+        verdict += (" Quick mode cannot answer the question: it needs full fine-tuning and at "
+                    "least one PEFT method that both learn code and forget plays (here: "
+                    f"{', '.join(moved) or 'none'}); run the tour without --quick.")
+    out.mkdir(parents=True, exist_ok=True)
+    figure = out / "realtext_paths.png"
+    rt.plot_paths(runs, origin, figure, title="Shakespeare base learning Python code: paths "
+                  f"(mean of seeds {seed}, {seed + 1})")
+    (out / "realtext_table.md").write_text(rt.table(rows) + "\n\n" + verdict + "\n")
+    log("\n" + rt.table(rows) + "\n\n" + verdict + "\n")
+    return {"title": "Real text: Shakespeare base, continued training on Python code",
+            "text": verdict, "head": rt.TABLE_HEAD, "rows": rt.table_cells(rows),
+            "figure": figure, "notes": REAL_NOTES, "runs": runs, "origin": origin,
+            "caption": "paths in the (held-out code, held-out plays) plane, bits per character"}
+
+
 def tour(out_dir="minipeft-out", quick: bool = False, seed: int = 0, log=print) -> dict:
-    """Run the compact study and write its report; returns the written paths."""
+    """Run the real-text study, then the compact synthetic study, and write one report (the
+    real-text section first); returns the records and the written paths."""
     check_output_dir("tour: out_dir", out_dir)        # before the study, not after it
     start = time.perf_counter()
+    lead = real_text_section(Path(out_dir), quick, seed, log)
     study = StudyConfig(base="quick" if quick else "default", task_b="shift",
-                        methods=QUICK_METHODS if quick else TOUR_METHODS, seeds=(seed,),
+                        methods=QUICK_METHODS if quick else SYNTHETIC_METHODS, seeds=(seed,),
                         steps=40 if quick else 200, eval_every=10 if quick else 20,
                         eval_examples=64 if quick else 300, gen_tokens=4 if quick else 16,
                         batch_size=32 if quick else 64, progress=not quick)
-    log(f"minipeft tour: {len(study.methods)} methods, {study.steps} steps each on task "
-        f"{study.task_b!r}{' (quick)' if quick else ''}")
+    log(f"then the synthetic study: {len(study.methods)} methods, {study.steps} steps each on "
+        f"task {study.task_b!r}{' (quick)' if quick else ''}")
     records = run_study(study, log=log)
-    paths = write_report(records, out_dir, notes=NOTES)
+    paths = write_report(records, out_dir, notes=NOTES,
+                         lead={k: v for k, v in lead.items() if k not in ("runs", "origin")})
+    paths.update(realtext_figure=lead["figure"], realtext_table=Path(out_dir) /
+                 "realtext_table.md")
     log("\n" + markdown_table(records) + "\n")
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
     log(f"tour finished in {time.perf_counter() - start:.0f} s")
-    return {"records": records, "paths": paths}
+    return {"records": records, "paths": paths, "realtext": lead}
 
 
 def compare_cli(args) -> int:
@@ -82,7 +131,7 @@ def finetune_cli(args) -> int:
     if args.text is not None:
         if args.base is not None:
             raise ValueError(f"--base {args.base}: applies to --task only; --text always "
-                             "fine-tunes the character-level 'text' base")
+                             f"fine-tunes the {TEXT_BASE!r} base")
         return finetune_text(args)
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown task {args.task!r}; choose from {', '.join(TASKS)}")
@@ -116,74 +165,92 @@ def _adapt(args, base_kind: str, sample, x_eval, y_eval, desc: str, **train_kw):
 
 
 TEXT_VAL_FRACTION = 0.1  # the end of the file held out for validation (at least one window)
+TEXT_BASE = "shakespeare"  # the base --text adapts: it knows English (of a kind) already
 
 
-def read_text_file(path, context: int) -> str:
-    """The text of ``path`` (UTF-8; undecodable bytes become U+FFFD, an unknown character),
-    checked to hold at least two windows of ``context + 1`` characters: one to train on and
-    one to validate on. Errors name the file and say what is needed."""
+def read_text_file(path) -> str:
+    """The text of ``path``, checked before any training: it must be a file, not empty, more
+    than one byte, free of NUL bytes (a binary file) and valid UTF-8. Errors are one line that
+    names the file and says what is wrong."""
     path = Path(path)
-    need = 2 * (context + 1)
     if not path.exists():
         raise FileNotFoundError(f"--text: no such file: {path}")
     if not path.is_file():
         raise ValueError(f"--text: {path} is not a file; give a plain text file")
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")  # \r\n becomes \n
+        data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"--text: cannot read {path}: {exc.strerror or exc}") from exc
-    if len(text) < need:
-        what = "is empty" if not text else f"holds only {len(text)} characters"
-        raise ValueError(f"--text: {path} {what}; it needs at least {need} characters: "
-                         f"{context + 1} to train on (one {context}-character window and its "
-                         f"next character) and as many again to validate on")
-    return text
+    if len(data) <= 1:
+        what = "is empty" if not data else "holds a single byte"
+        raise ValueError(f"--text: {path} {what}; give a text file to learn from")
+    if b"\0" in data:
+        raise ValueError(f"--text: {path} looks binary (it holds NUL bytes); give a UTF-8 text "
+                         "file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--text: {path} is not UTF-8 (byte {data[exc.start]:#04x} at offset "
+                         f"{exc.start}); convert it, e.g. iconv -t utf-8") from None
+    return text.replace("\r\n", "\n")
 
 
 def finetune_text(args) -> int:
-    """``minipeft finetune --text FILE``: adapt the character-level "text" base to a file.
+    """``minipeft finetune --text FILE``: adapt the Shakespeare base to a file.
 
-    The file is encoded with the base's fixed vocabulary (``CharTokenizer.ascii()``; other
-    characters become the unknown id, and are counted), its last 10% (at least one window) is
-    held out, and the method trains on random windows of the rest. The validation loss (nats per
-    character, every held-out character after the first scored once) is printed before and
-    after. Saved in ``--out``: the adapter, the tokenizer (``char_tokenizer.json``) and a record
-    of the run (``finetune.json``).
+    The file is encoded with the base's byte-level BPE (any UTF-8 text encodes, nothing is
+    unknown), its last 10% (at least one window) is held out, and the method trains on random
+    windows of the rest. The validation loss is printed before and after, in nats per token and
+    per character (every held-out token after the first scored once). Saved in ``--out``: the
+    adapter, the tokenizer (``tokenizer.json``) and a record of the run (``finetune.json``).
     """
-    from minipeft.base import RECIPES, recipe_key
-    from minipeft.data import CharTokenizer, TextDataset, train_val_split
+    from minipeft.base import RECIPES, base_tokenizer, recipe_key
+    from minipeft.data import TextDataset, train_val_split
+    from minipeft.data.domains import EvalSet
     from minipeft.io import save_json
 
-    recipe = RECIPES["text"]
+    recipe = RECIPES[TEXT_BASE]
     context = recipe.length
-    text = read_text_file(args.text, context)  # before pretraining: a bad path fails at once
-    tok = CharTokenizer.ascii()
-    ids = tok.encode(text)
-    unknown = int((ids == tok.unk_id).sum())
+    text = read_text_file(args.text)  # before any training: a bad file fails at once
+    tok = base_tokenizer(TEXT_BASE)
+    ids = tok.encode_text(text)
+    need = 2 * (context + 1)
+    if len(ids) < need:
+        raise ValueError(f"--text: {args.text} holds only {len(ids)} tokens ({len(text)} "
+                         f"characters); it needs at least {need}: {context + 1} to train on "
+                         f"(one {context}-token window and its next token) and as many again "
+                         "to validate on")
     train_ids, val_ids = train_val_split(ids, max(TEXT_VAL_FRACTION, (context + 1) / len(ids)))
     x_val, y_val = TextDataset(val_ids, context, args.seed).windows()  # (N, T) each
+    val = EvalSet(x_val, y_val, sum(len(tok.decode(row)) for row in y_val))
     data = TextDataset(train_ids, context, args.seed)
-    print(f"{args.text}: {len(ids):,} characters, {unknown:,} outside the vocabulary (printable "
-          f"ASCII and newline) encoded as unknown; {len(train_ids):,} to train on, "
-          f"{len(val_ids):,} to validate on")
+    print(f"{args.text}: {len(text):,} characters, {len(ids):,} tokens "
+          f"({len(text) / len(ids):.2f} characters per token); {len(train_ids):,} tokens to "
+          f"train on, {len(val_ids):,} to validate on")
 
-    model, before, after, lr = _adapt(args, "text", data.sample, x_val, y_val,
+    model, before, after, lr = _adapt(args, TEXT_BASE, data.sample, x_val, y_val,
                                       desc=f"{args.method} on {Path(args.text).name}",
                                       batch_size=recipe.batch_size)
-    before, after = before["loss"], after["loss"]
-    print(f"validation loss (nats per character): {before:.4f} -> {after:.4f} (a uniform guess "
-          f"over the {tok.vocab_size} characters: {math.log(tok.vocab_size):.3f})")
+    nats = {k: v["loss"] for k, v in (("before", before), ("after", after))}
+    per_char = {k: val.bits_per_char(v) * math.log(2) for k, v in nats.items()}
+    uniform = val.bits_per_char(math.log(tok.vocab_size)) * math.log(2)
+    print(f"validation loss: {nats['before']:.4f} -> {nats['after']:.4f} nats per token; "
+          f"{per_char['before']:.4f} -> {per_char['after']:.4f} nats per character (a uniform "
+          f"guess over the {tok.vocab_size} tokens: {uniform:.3f} per character)")
 
     out = Path(args.out)
     size = model.save_adapter(out)
-    tok.save(out / "char_tokenizer.json")
+    tok.save(out / "tokenizer.json")
     save_json(out / "finetune.json", {
-        "text": str(args.text), "characters": len(ids), "unknown_characters": unknown,
-        "train_characters": len(train_ids), "validation_characters": len(val_ids),
-        "context": context, "method": args.method, "steps": args.steps, "lr": lr,
-        "seed": args.seed, "base": "text", "base_key": recipe_key("text", recipe, 0),
-        "val_loss_before": before, "val_loss_after": after})
+        "text": str(args.text), "characters": len(text), "tokens": len(ids),
+        "train_tokens": len(train_ids), "validation_tokens": len(val_ids),
+        "validation_characters": val.chars, "context": context, "method": args.method,
+        "steps": args.steps, "lr": lr, "seed": args.seed, "base": TEXT_BASE,
+        "base_key": recipe_key(TEXT_BASE, recipe, 0),
+        "val_loss_before": nats["before"], "val_loss_after": nats["after"],
+        "val_nats_per_char_before": per_char["before"],
+        "val_nats_per_char_after": per_char["after"]})
     print(f"saved {args.method} adapter ({size / 1024:.1f} KB) to {out}/ with "
-          f"char_tokenizer.json and finetune.json; load it with "
-          f"load_peft_model(load_base('text')[0], '{out}')")
+          f"tokenizer.json and finetune.json; load it with "
+          f"load_peft_model(load_base('{TEXT_BASE}')[0], '{out}')")
     return 0

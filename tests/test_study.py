@@ -35,7 +35,7 @@ def test_tour_writes_every_output(tour_run):
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6   # 5 synthetic + the real-text paths
     methods = [r.method for r in result["records"]]
     for m in methods:
         assert m in page and m in (out / "table.md").read_text()
