@@ -357,12 +357,12 @@ class PeftModel(Module):
                              "base weights")
         layers = [layer for _, layer in self._layers() if layer.active is not None]
         plans = [(layer, layer.check_merge()) for layer in layers]  # all check, then all apply
-        for layer, plan in plans:
+        for layer, plan in reversed(plans):  # innermost first: a wrapper folds in on top
             layer.apply_merge(plan)
 
     def unmerge(self) -> None:
         """Undo ``merge`` (nothing to do when no adapter is folded in). Idempotent."""
-        for _, layer in reversed(self._layers()):   # the reverse of merge's order
+        for _, layer in self._layers():      # outermost first: the reverse of merge's order
             layer.unmerge()
 
     def __repr__(self) -> str:

@@ -16,8 +16,9 @@ other id to an extra all-zero row, so an unlisted token's embedding is ``W0 + 0.
 bits. A tied LM head reads ``.weight``, the table above, so the output layer's rows for those
 tokens train too and all other output rows stay the base's.
 
-Merging (with a mergeable method) writes the k rows into W0 and keeps the k original rows, so
-``unmerge`` puts them back exactly.
+Merging (with a mergeable method) adds the deltas to the k rows, after any layer it wraps has
+folded in its own update, and keeps the k rows as they were, so ``unmerge`` puts them back
+exactly (before the wrapped layer takes its update out).
 """
 
 from __future__ import annotations
@@ -106,20 +107,20 @@ class TrainableTokens(PeftLayer):
 
     def _merge_plan(self, name: str):
         a = getattr(self.adapters, name)
-        W = self._base_table()
-        new = W.data[a.rows] + a.delta.data                             # (k, C)
+        new = self._base_table().data[a.rows] + a.delta.data           # (k, C)
         if not bool(bk.xp.isfinite(new).all()):
             raise ValueError(f"merge refused: token rows of adapter {name!r} are not finite; "
                              "the base weights were left unchanged")
-        return W.data[a.rows].copy(), new                               # (old rows, new rows)
+        return name
 
-    def _install(self, plan) -> None:
-        old, new = plan
+    def _install(self, name) -> None:
+        """Add the delta to the rows as they are now (a wrapped layer folded in first) and
+        keep those rows, so that unmerge puts them back exactly."""
         W = self._base_table()
-        a = getattr(self.adapters, self.active)
-        self._kept = old                                                # restores exactly
+        a = getattr(self.adapters, name)
         data = W.data.copy()
-        data[a.rows] = new.astype(W.dtype)
+        self._kept = data[a.rows].copy()                                # (k, C)
+        data[a.rows] = (self._kept + a.delta.data).astype(W.dtype)
         W.data = data
 
     def _take_out(self, name: str) -> None:
