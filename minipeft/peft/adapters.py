@@ -27,15 +27,17 @@ between the two projections, so the branch is no single matrix; inference pays f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.autograd import functional as F
 from minipeft.autograd import relu
 from minipeft.nn.layers import Linear
 from minipeft.nn.module import Module
-from minipeft.peft.core import PeftConfig, PeftLayer
+from minipeft.peft import targets
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer
 
 PLACEMENTS = {  # placement -> (module paths inside a block, parallel?)
     "houlsby": (("attn.o_proj", "mlp.fc_out"), False),
@@ -58,26 +60,22 @@ class AdapterConfig(PeftConfig):
     mergeable = False
 
     def __post_init__(self):
-        if self.bottleneck is not None and (isinstance(self.bottleneck, bool) or not isinstance(
-                self.bottleneck, int) or self.bottleneck <= 0):
-            raise ValueError(f"AdapterConfig.bottleneck must be a positive int (a zero-width "
-                             f"bottleneck trains nothing), got {self.bottleneck!r}")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
-                or self.reduction_factor <= 0:
-            raise ValueError(f"AdapterConfig.reduction_factor must be a positive int, "
-                             f"got {self.reduction_factor!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}, "
-                             f"got {self.activation!r}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"AdapterConfig.scale must be a finite number, got {self.scale!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"AdapterConfig.placement must be one of {tuple(PLACEMENTS)}, "
-                             f"got {self.placement!r}")
+        super().__post_init__()
+        who = "AdapterConfig"
+        if self.bottleneck is not None:
+            checks.check_int(f"{who}.bottleneck", self.bottleneck, low=1)
+        checks.check_int(f"{who}.reduction_factor", self.reduction_factor, low=1)
+        checks.check_choice(f"{who}.activation", self.activation, ACTIVATIONS)
+        checks.check_choice(f"{who}.placement", self.placement, tuple(PLACEMENTS))
+        checks.check_float(f"{who}.scale", self.scale)
+        object.__setattr__(self, "layers", targets.check_layers(f"{who}.layers", self.layers))
 
     def width(self, n_embd: int) -> int:
         """The bottleneck width m for a model of width ``n_embd``."""
         m = self.bottleneck if self.bottleneck is not None else n_embd // self.reduction_factor
+        if m > n_embd:
+            raise ValueError(f"AdapterConfig.bottleneck={m} is wider than the model "
+                             f"(n_embd={n_embd}): a bottleneck must be at most n_embd")
         if m <= 0:
             raise ValueError(f"AdapterConfig: reduction_factor={self.reduction_factor} gives a "
                              f"zero-width bottleneck for n_embd={n_embd} (n_embd // "
@@ -87,23 +85,19 @@ class AdapterConfig(PeftConfig):
     def apply(self, model, name: str, seed: int) -> list[str]:
         cfg = model.config
         width = self.width(cfg.n_embd)                  # validate everything before surgery
-        layers = check_layers(self.layers, cfg.n_layer, "AdapterConfig")
-        targets, parallel = PLACEMENTS[self.placement]
+        names, parallel = PLACEMENTS[self.placement]
+        found = targets.select(model, "AdapterConfig", names, (Module,), self.layers,
+                               owner=AdapterLayer, kind_name="block")
+        found = [(real, m) for logical, real, m in found if targets.layer_of(logical) is not None]
         rng = bk.host_rng(seed)
-        touched = []
-        for i in layers:
-            for target in targets:
-                path = real_path(model, f"blocks.{i}.{target}")
-                layer = model.get_submodule(path)
-                if not isinstance(layer, AdapterLayer):   # first adapter here: wrap the base
-                    layer = AdapterLayer(layer, parallel)
-                    model.set_submodule(path, layer)
-                dtype = layer.base.parameters()[0].dtype
-                setattr(layer.adapters, name, Bottleneck(
-                    cfg.n_embd, width, self.activation, self.scale if parallel else 1.0, rng,
-                    dtype))
-                touched.append(path)
-        return touched
+        for path, layer in found:
+            if not isinstance(layer, AdapterLayer) or layer.parallel != parallel:
+                layer = AdapterLayer(layer, parallel)       # first adapter here: wrap the base
+                model.set_submodule(path, layer)
+            dtype = layer.base.parameters()[0].dtype
+            setattr(layer.adapters, name, Bottleneck(
+                cfg.n_embd, width, self.activation, self.scale if parallel else 1.0, rng, dtype))
+        return [p for p, _ in found]
 
 
 class Bottleneck(Module):
@@ -145,33 +139,3 @@ class AdapterLayer(PeftLayer):
     def __repr__(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
         return f"AdapterLayer({kind}, adapters={self.adapter_names()}, active={self.active})"
-
-
-# ---------------------------------------------------------------------------- surgery helpers
-def check_layers(layers, n_layer: int, who: str) -> list[int]:
-    """The block indices a config names (all when None), checked against the model's depth."""
-    if layers is None:
-        return list(range(n_layer))
-    layers = sorted(set(int(i) for i in layers))
-    bad = [i for i in layers if not 0 <= i < n_layer]
-    if bad or not layers:
-        raise ValueError(f"{who}.layers must be block indices in [0, {n_layer}), "
-                         f"got {bad or 'none'}")
-    return layers
-
-
-def real_path(model: Module, path: str) -> str:
-    """``path`` as it is now, stepping into ``base`` where an earlier adapter wrapped a
-    module on the way: ``blocks.0.mlp.fc_out`` may have become ``blocks.0.mlp.base.fc_out``.
-    """
-    mod, parts = model, []
-    for part in path.split("."):
-        while isinstance(mod, PeftLayer) and part not in vars(mod) and \
-                isinstance(vars(mod).get("base"), Module):
-            mod = mod.base
-            parts.append("base")
-        mod = vars(mod).get(part)
-        if not isinstance(mod, Module):
-            raise ValueError(f"the model has no module {path!r} (stopped at {part!r})")
-        parts.append(part)
-    return ".".join(parts)

@@ -1,122 +1,82 @@
 """The shared PEFT machinery: apply a method to a frozen model, report, save, load, switch.
 
-    peft_model = get_peft_model(model, LoraConfig(r=8))   # freeze, then do the method's surgery
+    peft_model = get_peft_model(model, config)           # freeze, then do the method's surgery
     peft_model.print_trainable_parameters()
     train(peft_model, ...)                               # only the method's tensors train
     peft_model.save_adapter("adapters/task_b")           # safetensors + adapter_config.json
     with peft_model.disable_adapter(): ...               # the base model, untouched
 
-Every method is a config class with ``apply(model, name, seed)``. Methods that *add* modules
-(LoRA, adapters, IA3, prompts, prefixes) put them in ``PeftLayer``s: modules that hold one set of
-tensors per adapter name and an ``active`` name (None = behave like the base). Methods that
-*select* base weights (selective fine-tuning, full fine-tuning) flip ``requires_grad`` and masks.
-Either way, ``requires_grad`` is the single flag the optimizer and the saver read.
+Every method is a config class (``config.PeftConfig``) whose ``apply`` installs PEFT layers
+(``layer.PeftLayer``) in the model: wrappers around base modules, modules attached to it, or a
+holder of selected base weights. A layer knows its adapters, the active one, the one folded
+into the weights, and how to save, load, fold and unfold them. ``PeftModel`` only talks to that
+interface; it never asks which method it holds.
+
+Every call either does all it says or changes nothing: ``_transaction`` records the model (each
+parameter's data, flag and mask, each layer's own state, the adapters) and puts it all back if
+the call fails, whatever the method.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, fields
 from pathlib import Path
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.autograd import Tensor
 from minipeft.io import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from minipeft.nn.module import Module
+from minipeft.peft.config import CONFIG_CLASSES, PeftConfig
+from minipeft.peft.layer import MergedAdapterError, PeftLayer, rows_using
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-CONFIG_CLASSES: dict = {}  # method name -> config class, filled in as each method file loads
-
-
-class PeftConfig:
-    """Base of every method's config (each a frozen dataclass)."""
-
-    method: str = "base"
-    mergeable: bool = False  # can the update be folded into the base weights?
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        CONFIG_CLASSES[cls.method] = cls
-
-    def apply(self, model, name: str, seed: int) -> list[str]:
-        """Change ``model`` (already frozen) for adapter ``name``; return what was touched."""
-        raise NotImplementedError
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CheckpointError(f"{cls.__name__}: unknown fields {unknown} in adapter config")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-class PeftLayer(Module):
-    """A module that holds per-adapter tensors. Subclasses keep them in ``self.adapters``
-    (a Module whose attributes are adapter names) and read ``self.active`` in forward."""
-
-    supports_mixed_batch = False  # can one batch use a different adapter per row?
-
-    def __init__(self):
-        self.adapters = Module()
-        self.active: str | None = None
-        self.row_adapters: list | None = None  # per-row adapter names (mixed-batch inference)
-
-    def prepare_inputs(self, ids, kwargs: dict) -> dict:
-        """Add model inputs before the forward pass (soft prompts, prefixes); default: none."""
-        return kwargs
-
-    def adapter_names(self) -> list[str]:
-        return [k for k, v in vars(self.adapters).items() if isinstance(v, Module)]
-
-    def adapter_tensors(self, name: str) -> dict:
-        """Local name -> Parameter for adapter ``name`` (what gets saved)."""
-        return dict(getattr(self.adapters, name).named_parameters())
-
-    def delete(self, name: str) -> None:
-        delattr(self.adapters, name)
-        if self.active == name:
-            self.active = None
-
-
-def _check_config(config) -> None:
-    if not isinstance(config, PeftConfig):
-        raise TypeError(f"get_peft_model needs a PEFT config (LoraConfig, SelectiveConfig, "
-                        f"...), got {type(config).__name__}")
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CONFIG_CLASSES", "PeftConfig", "PeftLayer",
+           "PeftModel", "MergedAdapterError", "get_peft_model", "load_peft_model", "peft_layers",
+           "read_adapter"]
 
 
 def peft_layers(model: Module):
-    """(path, layer) for every PeftLayer in ``model``."""
+    """(path, layer) for every PeftLayer in ``model``, outermost first."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLayer)]
+
+
+def _check_config(config, who: str) -> None:
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"{who} needs a PEFT config (LoraConfig, SelectiveConfig, ...), got "
+                        f"{type(config).__name__}")
 
 
 class PeftModel(Module):
     """A frozen base model plus one or more named adapters of one method."""
 
     def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0):
+        if isinstance(model, PeftModel):
+            raise TypeError("get_peft_model: the model is already a PeftModel; add another "
+                            "adapter with add_adapter(name, config)")
         if not isinstance(model, Module):
             raise TypeError(f"get_peft_model needs a model (a minipeft Module such as GPT), "
                             f"got {type(model).__name__}")
-        _check_config(config)
+        _check_config(config, "get_peft_model")
+        checks.check_int("get_peft_model: seed", seed, low=0)
+        if peft_layers(model):
+            raise TypeError("get_peft_model: the model already holds PEFT layers (a base_model "
+                            "of a PeftModel?); use that PeftModel's add_adapter")
         self.base_model = model
+        self.method = config.method      # every adapter of this model uses this method
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
-        self._originals: dict = {}
-        self._layers = None  # cached (path, PeftLayer) pairs; reset whenever surgery happens
+        self._cache = None               # the (path, layer) list; reset by every _transaction
         before = [(p, p.requires_grad, p.mask) for p in model.parameters()]
         model.requires_grad_(False)
         for p in model.parameters():
             p.mask = None
         try:
             self.add_adapter(adapter_name, config, seed)
-        except Exception:  # a config that does not fit leaves the model as it was
+        except BaseException:            # a config that does not fit leaves the model as it was
             for p, flag, mask in before:
                 p.requires_grad, p.mask = flag, mask
             raise
@@ -125,174 +85,169 @@ class PeftModel(Module):
     def config(self):
         return self.base_model.config
 
-    @property
-    def method(self) -> str:
-        return next(iter(self.peft_configs.values())).method
+    def _layers(self):
+        if self._cache is None:          # found once: walking every module per call costs time
+            self._cache = peft_layers(self.base_model)
+        return self._cache
+
+    def _folded(self) -> str | None:
+        """The adapter the base weights hold (None: none)."""
+        names = {layer.folded_adapter() for _, layer in self._layers()} - {None}
+        return names.pop() if names else None
+
+    def _refuse_if_folded(self, what: str, keep: str | None = "") -> None:
+        folded = self._folded()
+        if folded is not None and folded != keep:
+            raise MergedAdapterError(f"{what}: adapter {folded!r} is folded into the base "
+                                     "weights by merge(); call unmerge() first")
+
+    # ---------------------------------------------------------------- one rollback mechanism
+    @contextmanager
+    def _transaction(self):
+        """Run the block all or nothing. On failure the module tree is put back (layers the
+        block added go, layers it took out return), each layer gets its own state back, and so
+        do every parameter (data, flag, mask), the configs and the active adapter. The layer
+        cache is reset either way: this is the one place that changes the model's structure."""
+        tree = [(m, {k: v for k, v in vars(m).items() if isinstance(v, Module)})
+                for _, m in self.base_model.named_modules()]
+        layers = [(m, m.snapshot()) for _, m in self._layers()]
+        params = [(p, p.data, p.requires_grad, p.mask) for p in self.parameters()]
+        configs, active = dict(self.peft_configs), self.active_adapter
+        try:
+            yield
+        except BaseException:
+            for m, children in tree:             # the module tree: what was wrapped or added
+                for k in [k for k, v in vars(m).items()
+                          if isinstance(v, Module) and k not in children]:
+                    delattr(m, k)
+                vars(m).update(children)
+            for layer, snap in layers:           # each layer's own state
+                layer.restore(snap)
+            for p, data, flag, mask in params:
+                p.data, p.requires_grad, p.mask = data, flag, mask
+            self.peft_configs, self.active_adapter = configs, active
+            raise
+        finally:
+            self._cache = None
 
     # ---------------------------------------------------------------- adapters
+    def _check_name(self, name) -> str:
+        return checks.check_identifier("adapter name", name, reserved=RESERVED)
+
+    def _check_known(self, name, who: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"{who}: an adapter name is a string, got {type(name).__name__}")
+        if name not in self.peft_configs:
+            raise ValueError(f"{who}: no adapter named {name!r}; have {sorted(self.peft_configs)}")
+        return name
+
     def add_adapter(self, name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter of this model's method and make it the active one."""
-        _check_config(config)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"adapter name must be an identifier, got {name!r}")
+        _check_config(config, "add_adapter")
+        self._check_name(name)
+        checks.check_int("add_adapter: seed", seed, low=0)
         if name in self.peft_configs:
             raise ValueError(f"an adapter named {name!r} already exists")
-        if self.peft_configs and config.method != self.method:
+        if config.method != self.method:
             raise ValueError(f"this model holds {self.method} adapters; cannot add a "
                              f"{config.method} adapter (apply it to a fresh base instead)")
-        if config.method == "selective" and self.peft_configs:
-            raise ValueError("selective fine-tuning edits the base weights: one adapter only")
-        self._layers = None
-        touched = config.apply(self.base_model, name, seed)
-        if config.method == "selective":  # keep a host copy to undo (disable) the edit
-            params = dict(self.base_model.named_parameters())
-            self._originals = {k: bk.to_numpy(params[k].data).copy() for k in touched}
-        self.peft_configs[name] = config
-        self.set_adapter(name)
+        self._refuse_if_folded("add_adapter")
+        with self._transaction():
+            config.install(self.base_model, name, seed)
+            self.peft_configs[name] = config
+            self._cache = None
+            self.set_adapter(name)
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: run the base model)."""
-        if name is not None and name not in self.peft_configs:
-            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
-        for _, layer in peft_layers(self.base_model):
-            layer.active = name if name in layer.adapter_names() else None
+        if name is not None:
+            self._check_known(name, "set_adapter")
+        self._refuse_if_folded("set_adapter", keep=name)
+        for _, layer in self._layers():
+            layer.set_active(name)
         self.active_adapter = name
-        for n, cfg in self.peft_configs.items():  # only the active adapter trains
-            for t in self._tensors(n).values():
-                t.requires_grad = n == name and cfg.method != "selective"
-        if self.method == "selective":
-            for k in self._originals:
-                dict(self.base_model.named_parameters())[k].requires_grad = name is not None
 
     def delete_adapter(self, name: str) -> None:
-        if name not in self.peft_configs:
-            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
-        if self.method == "selective":
-            raise ValueError("selective fine-tuning edits the base weights; it cannot be deleted")
-        self._layers = None
-        for _, layer in peft_layers(self.base_model):
-            if name in layer.adapter_names():
-                layer.delete(name)
-        del self.peft_configs[name]
-        if self.active_adapter == name:
-            self.set_adapter(next(iter(self.peft_configs), None))
+        """Remove adapter ``name``; a layer left without adapters is taken out of the model."""
+        self._check_known(name, "delete_adapter")
+        self._refuse_if_folded("delete_adapter")
+        with self._transaction():
+            if self.active_adapter == name:
+                self.set_adapter(None)
+            for path, layer in reversed(self._layers()):
+                if name in layer.adapter_names():
+                    layer.delete(name)
+                    if not layer.adapter_names():
+                        layer.detach(self.base_model, path)
+            del self.peft_configs[name]
 
     @contextmanager
     def disable_adapter(self):
         """Run the untouched base model inside the block; the adapter comes back after."""
+        self._refuse_if_folded("disable_adapter")
         active = self.active_adapter
-        swapped = {}
-        if self.method == "selective":
-            params = dict(self.base_model.named_parameters())
-            for k, orig in self._originals.items():
-                swapped[k] = params[k].data
-                params[k].data = bk.asarray(orig)
-        if any(getattr(m, "merged", False) for _, m in peft_layers(self.base_model)):
-            raise RuntimeError("disable_adapter() on a merged model: call unmerge() first")
         self.set_adapter(None)
         try:
             yield self
         finally:
-            params = dict(self.base_model.named_parameters())
-            for k, data in swapped.items():
-                params[k].data = data
             self.set_adapter(active)
 
     def unload(self):
-        """Undo everything: unmerge, put each wrapped base module back, remove added modules and
-        restore selectively trained weights. Returns the base model as it was."""
-        if any(getattr(m, "merged", False) for _, m in peft_layers(self.base_model)):
-            self.unmerge()
-        for path, layer in reversed(peft_layers(self.base_model)):
-            self._detach(path, layer)
-        params = dict(self.base_model.named_parameters())
-        for k, orig in self._originals.items():
-            params[k].data = bk.asarray(orig)
-        for p in params.values():
-            p.requires_grad, p.mask = False, None
-        self.peft_configs, self.active_adapter, self._originals = {}, None, {}
-        self._layers = None
+        """Undo everything: unmerge, take every PEFT layer out (wrapped modules go back, base
+        weights a method trained are restored). Returns the base model as it was."""
+        self.unmerge()
+        with self._transaction():
+            self.set_adapter(None)
+            for path, layer in reversed(self._layers()):
+                layer.detach(self.base_model, path)
+            for p in self.base_model.parameters():
+                p.requires_grad, p.mask = False, None
+            self.peft_configs, self.active_adapter = {}, None
         return self.base_model
-
-    def _detach(self, path: str, layer) -> None:
-        """Take one PeftLayer out: put back the module it wraps, or remove an added one."""
-        parent_name, _, leaf = path.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name)
-        base = getattr(layer, "base", None)
-        if isinstance(base, Module):
-            setattr(parent, leaf, base)
-        else:
-            delattr(parent, leaf)
-
-    @contextmanager
-    def _all_or_nothing(self, name: str):
-        """If the block raises, undo what it did while adding adapter ``name``: layers it
-        wrapped or added, the adapter itself, base weights it rewrote (PiSSA), trainability
-        flags and the active adapter. The model is then exactly as before the block."""
-        layers = {id(m) for _, m in peft_layers(self.base_model)}
-        params = [(p, p.data, p.requires_grad, p.mask) for p in self.parameters()]
-        active = self.active_adapter
-        try:
-            yield
-        except BaseException:
-            for path, layer in reversed(peft_layers(self.base_model)):
-                if id(layer) not in layers:
-                    self._detach(path, layer)
-                elif name in layer.adapter_names():
-                    layer.delete(name)
-            self.peft_configs.pop(name, None)
-            self._layers = None
-            self.set_adapter(active)
-            for p, data, flag, mask in params:
-                p.data, p.requires_grad, p.mask = data, flag, mask
-            raise
 
     def _tensors(self, name: str) -> dict:
         """Full name -> Parameter of adapter ``name``'s tensors."""
         out = {}
-        for path, layer in peft_layers(self.base_model):
+        for path, layer in self._layers():
             if name in layer.adapter_names():
                 for local, p in layer.adapter_tensors(name).items():
-                    out[f"{path}.{local}"] = p
+                    out[_full(path, layer, local)] = p
         return out
 
     # ---------------------------------------------------------------- forward
     def forward(self, ids, adapter_names=None, **kwargs):
         """Run the adapted model. ``adapter_names`` (one per row, None = base) runs a mixed
-        batch in which each row uses its own adapter, for methods that support it (LoRA)."""
-        if self._layers is None:  # found once: walking every module per call costs latency
-            self._layers = peft_layers(self.base_model)
-            self._input_layers = [m for _, m in self._layers   # those that add model inputs
-                                  if type(m).prepare_inputs is not PeftLayer.prepare_inputs]
-        layers = self._layers
+        batch in which each row uses its own adapter, for methods that support it."""
         if not isinstance(ids, Tensor):         # lists too: prepare_inputs reads ids.shape
             ids = bk.asarray(ids)
-        for layer in self._input_layers:
-            if layer.active is not None:
+        for _, layer in self._layers():
+            if layer.adds_inputs and layer.active is not None:
                 kwargs = layer.prepare_inputs(ids, kwargs)
         if adapter_names is None:
             return self.base_model(ids, **kwargs)
-        self._check_row_adapters(ids, adapter_names, layers)
-        try:
-            for _, layer in layers:
-                layer.row_adapters = list(adapter_names)
+        names = self._check_row_adapters(ids, adapter_names)
+        with rows_using(names):
             return self.base_model(ids, **kwargs)
-        finally:
-            for _, layer in layers:
-                layer.row_adapters = None
 
-    def _check_row_adapters(self, ids, names, layers) -> None:
-        if not all(layer.supports_mixed_batch for _, layer in layers):
+    def _check_row_adapters(self, ids, names) -> list:
+        if not all(layer.supports_mixed_batch for _, layer in self._layers()):
             raise ValueError(f"mixed-batch inference (adapter_names=...) is not supported by "
-                             f"the {self.method} method")
+                             f"the {self.method} method (or by trainable token rows)")
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list or tuple (one name or None per row), "
+                            f"got {type(names).__name__}")
+        bad = [n for n in names if n is not None and not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"adapter_names: each entry is an adapter name or None, got "
+                            f"{bad[0]!r}")
         if len(names) != len(ids):
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {len(ids)}")
         unknown = sorted({n for n in names if n is not None} - set(self.peft_configs))
         if unknown:
             raise ValueError(f"adapter_names: unknown adapters {unknown}; "
                              f"have {sorted(self.peft_configs)}")
-        if any(getattr(layer, "merged", False) for _, layer in layers):
-            raise RuntimeError("mixed-batch inference on a merged model: call unmerge() first")
+        self._refuse_if_folded("mixed-batch inference")
+        return list(names)
 
     def loss(self, ids, targets, ignore_index: int = -100, **kwargs):
         from minipeft.autograd import functional as F
@@ -312,98 +267,118 @@ class PeftModel(Module):
 
     # ---------------------------------------------------------------- save / load
     def adapter_state(self, name: str | None = None) -> dict:
-        """What ``save_adapter`` writes: name -> array, only the method's tensors."""
-        name = name or self.active_adapter
-        if name not in self.peft_configs:
-            raise ValueError(f"no adapter named {name!r}; have {sorted(self.peft_configs)}")
-        if self.method == "selective":
-            return self.peft_configs[name].adapter_state(self.base_model)
-        return {k: p.data for k, p in self._tensors(name).items()}
+        """What ``save_adapter`` writes: name -> array, only the adapter's own tensors."""
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise ValueError("adapter_state: no active adapter; name one")
+        self._check_known(name, "adapter_state")
+        out = {}
+        for path, layer in self._layers():
+            if name in layer.adapter_names():
+                for local, arr in layer.state(name).items():
+                    out[_full(path, layer, local)] = arr
+        return out
 
     def save_adapter(self, folder, name: str | None = None) -> int:
-        """Write the adapter's tensors and config to ``folder``; returns the bytes written."""
-        name = name or self.active_adapter
+        """Write the adapter's tensors and config to ``folder``, as a whole: the two files are
+        written into a new folder that then replaces the old one, so an interrupted save leaves
+        the old adapter or the new one, never a mix. Returns the bytes written."""
+        name = self.active_adapter if name is None else name
         if name is None:
             raise ValueError("save_adapter: no active adapter; name one")
-        if name not in self.peft_configs:
-            raise ValueError(f"save_adapter: no adapter named {name!r}; "
-                             f"have {sorted(self.peft_configs)}")
+        self._check_known(name, "save_adapter")
         cfg = self.peft_configs[name]
         meta = {"method": cfg.method, "config": cfg.to_dict(),
                 "base_config": self.config.to_dict()}
-        folder = Path(folder)
-        size = save_tensors(folder / ADAPTER_WEIGHTS, self.adapter_state(name), meta)
-        save_json(folder / ADAPTER_CONFIG, meta)
-        return size + (folder / ADAPTER_CONFIG).stat().st_size
+        tensors = self.adapter_state(name)
+
+        def write(tmp: Path) -> int:
+            size = save_tensors(tmp / ADAPTER_WEIGHTS, tensors, meta)
+            save_json(tmp / ADAPTER_CONFIG, meta)
+            return size + (tmp / ADAPTER_CONFIG).stat().st_size
+
+        return save_folder(folder, write)
 
     def load_adapter(self, folder, name: str = "default", seed: int = 0) -> None:
         """Add the adapter saved in ``folder`` under ``name`` and activate it. The file, its
         method and base config are checked first; tensor names and shapes once the adapter's
         layers exist, and a mismatch undoes everything: a bad file leaves the model as it was."""
+        self._check_name(name)
         cfg, tensors = read_adapter(folder, self.base_model)
         if cfg.method != self.method:
             raise CheckpointError(f"{folder}: holds a {cfg.method!r} adapter but this "
                                   f"model uses {self.method!r}")
-        if self.method == "selective":
-            cfg.load_state(self.base_model, tensors)  # validates, then writes base weights
-            return
         if name in self.peft_configs:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first")
-        with self._all_or_nothing(name):
-            self.add_adapter(name, cfg, seed)
+        with self._transaction():
+            self.add_adapter(name, cfg.loadable(), seed)
+            self.peft_configs[name] = cfg
             self._fill(name, tensors, folder)
+            self.set_adapter(name)
 
     def _fill(self, name: str, tensors: dict, folder) -> None:
-        """Copy saved tensors into adapter ``name``, after checking names and shapes."""
-        own = self._tensors(name)
-        problems = []
-        if set(own) != set(tensors):
-            problems.append(f"missing {sorted(set(own) - set(tensors))}, "
-                            f"unexpected {sorted(set(tensors) - set(own))}")
-        problems += [f"{k}: expected {own[k].shape}, file {tuple(v.shape)}"
-                     for k, v in tensors.items() if k in own and tuple(v.shape) != own[k].shape]
-        if problems:
-            raise CheckpointError(f"{folder}: tensors do not fit: {'; '.join(problems)}")
-        for k, p in own.items():
-            p.data = bk.asarray(tensors[k], dtype=p.dtype).copy()
-
-    def add_weighted_adapter(self, names, weights, new_name: str, how: str = "linear",
-                             r: int | None = None):
-        """Combine LoRA adapters into a new one (see ``lora_merge.add_weighted_adapter``)."""
-        if self.method != "lora":
-            raise ValueError(f"add_weighted_adapter combines LoRA adapters; this model uses "
-                             f"{self.method}")
-        from minipeft.peft.lora_merge import add_weighted_adapter
-        return add_weighted_adapter(self, names, weights, new_name, how=how, r=r)
+        """Copy saved tensors into adapter ``name``: every layer checks its share first."""
+        layers = sorted(((path, layer) for path, layer in self._layers()
+                         if name in layer.adapter_names()),
+                        key=lambda pl: (pl[1].names_from_root, -len(pl[0])))
+        shares = {id(layer): {} for _, layer in layers}
+        unexpected = []
+        for key, arr in tensors.items():
+            for path, layer in layers:       # the deepest layer that claims the key owns it
+                start = "" if layer.names_from_root else path + "."
+                if key.startswith(start) and layer.claims(name, key[len(start):]):
+                    shares[id(layer)][key[len(start):]] = arr
+                    break
+            else:
+                unexpected.append(key)
+        missing, problems = [], []
+        for path, layer in reversed(layers):
+            m, p = layer.check_state(name, shares[id(layer)])
+            missing += [_full(path, layer, k) for k in m]
+            problems += [_full(path, layer, k) for k in p]
+        if missing or unexpected or problems:
+            head = [f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"] \
+                if missing or unexpected else []
+            raise CheckpointError(f"{folder}: tensors do not fit: {'; '.join(head + problems)}")
+        for _, layer in layers:
+            layer.load_state(name, shares[id(layer)])
 
     # ---------------------------------------------------------------- merge
     def merge(self) -> None:
-        """Fold the active adapter into the base weights (LoRA, IA3). Idempotent."""
-        self._mergeable_layers("merge")
-        layers = [layer for _, layer in peft_layers(self.base_model) if layer.active is not None]
-        # all or nothing: every layer may refuse before any weight changes; each computes its
-        # merged weights once, while checking them, and installs them afterwards
-        checked = [(layer, layer.check_merge()) for layer in layers]
-        for layer, merged in checked:
-            layer.apply_merge(merged)
+        """Fold the active adapter into the base weights (methods that allow it). Idempotent.
+        Every layer checks first (finite values, no overflow, an unmerge that gives the base
+        weights back); one refusal and no weight changes."""
+        name = self.active_adapter
+        if name is None:
+            raise ValueError("merge(): no active adapter to merge; set_adapter(name) first")
+        cfg = self.peft_configs[name]
+        if not cfg.mergeable:
+            raise ValueError(f"merge(): the {cfg.method} method cannot fold its adapters into the "
+                             "base weights")
+        layers = [layer for _, layer in self._layers() if layer.active is not None]
+        plans = [(layer, layer.check_merge()) for layer in layers]  # all check, then all apply
+        for layer, plan in reversed(plans):  # innermost first: a wrapper folds in on top
+            layer.apply_merge(plan)
 
     def unmerge(self) -> None:
-        """Undo ``merge``. Idempotent."""
-        self._mergeable_layers("unmerge")
-        for _, layer in peft_layers(self.base_model):
-            if getattr(layer, "merged", False):
-                layer.unmerge()
-
-    def _mergeable_layers(self, what: str) -> None:
-        cfg = self.peft_configs.get(self.active_adapter) if self.active_adapter else None
-        if cfg is None or not cfg.mergeable:
-            raise ValueError(f"{what}(): the {self.method} method cannot be merged into the base "
-                             "weights (only LoRA and IA3 can)")
+        """Undo ``merge`` (nothing to do when no adapter is folded in). Idempotent."""
+        for _, layer in self._layers():      # outermost first: the reverse of merge's order
+            layer.unmerge()
 
     def __repr__(self) -> str:
         r = self.trainable_report()
         return (f"PeftModel(method={self.method}, adapters={sorted(self.peft_configs)}, "
                 f"active={self.active_adapter}, trainable={r['trainable']:,}/{r['total']:,})")
+
+
+def _full(path: str, layer: PeftLayer, local: str) -> str:
+    return local if layer.names_from_root or not path else f"{path}.{local}"
+
+
+# Adapter names become attributes of a layer's ``adapters`` module: they must not shadow what
+# the module classes define (``training``, ``forward``, ``named_modules``, ...).
+RESERVED = frozenset(a for cls in (Module, PeftLayer, PeftModel) for a in dir(cls)) | \
+    {"base", "adapters", "active", "base_model"}
 
 
 def get_peft_model(model, config: PeftConfig, adapter_name: str = "default",
@@ -412,21 +387,78 @@ def get_peft_model(model, config: PeftConfig, adapter_name: str = "default",
     return PeftModel(model, config, adapter_name, seed)
 
 
+# ============================================================================ files
+def _siblings(folder: Path) -> tuple[Path, Path, Path]:
+    """Where a save of ``folder`` writes (new), what it commits (ready) and the old copy."""
+    return tuple(folder.parent / f".{folder.name}.{s}" for s in ("new", "ready", "old"))
+
+
+def save_folder(folder, write) -> int:
+    """Replace ``folder`` as a whole by what ``write(tmp_folder)`` writes; returns its result.
+
+    1. write every file into ``.NAME.new`` (a kill here leaves the old folder untouched);
+    2. rename it to ``.NAME.ready`` (the commit: it is complete);
+    3. move the old folder aside to ``.NAME.old``, and ``.NAME.ready`` into place;
+    4. delete the old copy.
+    A kill between the renames of step 3 leaves no ``NAME`` but a complete ``.NAME.ready``,
+    which ``read_adapter`` loads (and the next save finishes). Other plain files in the old
+    folder (a tokenizer, notes) are carried over by hard links.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_adapter: {folder} is a file, not a folder")
+    if folder.is_dir():
+        sub = [p.name for p in folder.iterdir() if not p.is_file() or p.is_symlink()]
+        if sub:
+            raise ValueError(f"save_adapter: {folder} holds folders or links ({sub[:3]}); an "
+                             "adapter folder is replaced as a whole, so give it one of its own")
+    new, ready, old = _siblings(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists() and ready.is_dir():       # finish a save cut in step 3
+        os.rename(ready, folder)
+    for stale in (new, ready, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    new.mkdir()
+    try:
+        result = write(new)
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if not (new / p.name).exists():
+                    os.link(p, new / p.name)
+        os.rename(new, ready)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(ready, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def _source(folder: Path) -> Path:
+    """The folder to read: ``folder``, or the complete new copy a cut save left beside it."""
+    ready = _siblings(folder)[1]
+    return ready if not folder.exists() and ready.is_dir() else folder
+
+
 def read_adapter_config(folder) -> dict:
     """The JSON config of a saved adapter (method, config, base config)."""
-    return load_json(Path(folder) / ADAPTER_CONFIG)
+    return load_json(_source(Path(folder)) / ADAPTER_CONFIG)
 
 
 def read_adapter(folder, model) -> tuple[PeftConfig, dict]:
     """Read and check a saved adapter: (its config, name -> host array). Raises
     CheckpointError for a missing, corrupted, foreign or mismatched file."""
     folder = Path(folder)
-    meta = load_json(folder / ADAPTER_CONFIG)
+    src = _source(folder)
+    meta = load_json(src / ADAPTER_CONFIG)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
             not isinstance(meta.get("base_config", {}), dict):
         raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is not an adapter config (a JSON "
                               "object with 'method', 'config' and 'base_config')")
-    tensors, file_meta = load_tensors(folder / ADAPTER_WEIGHTS)
+    tensors, file_meta = load_tensors(src / ADAPTER_WEIGHTS)
     if file_meta != meta:
         raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
     base_cfg = meta.get("base_config", {})
@@ -456,13 +488,12 @@ def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
     the file. Everything is checked first, so a bad file leaves the model unchanged."""
     config, tensors = read_adapter(folder, model)
     before = [(p, p.data, p.requires_grad, p.mask) for p in model.parameters()]
-    peft = PeftModel(model, config, adapter_name)
+    peft = PeftModel(model, config.loadable(), adapter_name)
     try:
-        if config.method == "selective":
-            config.load_state(model, tensors)
-        else:
-            peft._fill(adapter_name, tensors, folder)
-    except Exception:
+        peft.peft_configs[adapter_name] = config
+        peft._fill(adapter_name, tensors, folder)
+        peft.set_adapter(adapter_name)
+    except BaseException:
         peft.unload()
         for p, data, flag, mask in before:    # unload freezes all; PiSSA rewrote weights
             p.data, p.requires_grad, p.mask = data, flag, mask

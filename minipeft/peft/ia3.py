@@ -17,7 +17,8 @@ Merging is free because a diagonal scale folds into the neighbouring matrix:
                                      W' = W * l[:, None],  b' = l * b
     input-scaled (fc_out):           (l * x) W^T + b = x (W * l[None, :])^T + b
 and unmerging divides by l again, which is why a zero (or NaN/inf) entry refuses to merge: it
-would destroy the weights it multiplies.
+would destroy the weights it multiplies. So does a tiny one (1e-44 underflows W * l to zero)
+and a huge one (W * l overflows): every merge first checks that dividing gives W back.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minipeft import backend as bk
+from minipeft.nn.layers import Linear
 from minipeft.nn.module import Module, Parameter
-from minipeft.peft.adapters import check_layers, real_path
-from minipeft.peft.core import PeftConfig, PeftLayer
+from minipeft.peft import targets
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer, restores
 
 # Module name -> where the vector acts. Attention projections and fc_in scale their output;
 # fc_out scales its input (the MLP's hidden activation, as in the paper).
-TARGETS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-           "fc_in": "mlp", "fc_out": "mlp"}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 INPUT_SCALED = ("fc_out",)
 
 
@@ -45,29 +47,27 @@ class IA3Config(PeftConfig):
     mergeable = True
 
     def __post_init__(self):
-        tm = self.target_modules                      # one name, as LoraConfig accepts
-        object.__setattr__(self, "target_modules", (tm,) if isinstance(tm, str) else tuple(tm))
-        bad = [t for t in self.target_modules if t not in TARGETS]
-        if bad or not self.target_modules:
-            raise ValueError(f"IA3Config.target_modules: unknown {bad or self.target_modules!r}; "
-                             f"choose from {tuple(TARGETS)}")
+        super().__post_init__()
+        tm = targets.check_targets("IA3Config.target_modules", self.target_modules)
+        bad = [t for t in tm if t not in TARGETS]
+        if bad:
+            raise ValueError(f"IA3Config.target_modules: unknown {bad!r}; choose from {TARGETS}")
+        object.__setattr__(self, "target_modules", tm)
+        object.__setattr__(self, "layers", targets.check_layers("IA3Config.layers", self.layers))
 
     def apply(self, model, name: str, seed: int) -> list[str]:
-        layers = check_layers(self.layers, model.config.n_layer, "IA3Config")
-        paths = [real_path(model, f"blocks.{i}.{TARGETS[t]}.{t}")
-                 for i in layers for t in self.target_modules]
-        merged = [p for p in paths if getattr(model.get_submodule(p), "merged", False)]
-        if merged:                                      # refuse before any surgery
-            raise ValueError(f"{merged} hold a merged IA3 adapter: unmerge() first")
-        for path in paths:
-            layer = model.get_submodule(path)
+        found = targets.select(model, "IA3Config", self.target_modules, (Linear,),
+                               tuple(range(model.config.n_layer)) if self.layers is None
+                               else self.layers, owner=IA3Linear)
+        found = [(real, m) for logical, real, m in found if targets.layer_of(logical) is not None]
+        for path, layer in found:
             if not isinstance(layer, IA3Linear):        # first vector here: wrap the Linear
                 layer = IA3Linear(layer, scale_input=path.endswith(INPUT_SCALED))
                 model.set_submodule(path, layer)
             w = layer.base.weight                                   # (out, in)
             n = w.shape[1] if layer.scale_input else w.shape[0]
             setattr(layer.adapters, name, IA3Vector(bk.xp.ones((n,), dtype=w.dtype)))
-        return paths
+        return [p for p, _ in found]
 
 
 class IA3Vector(Module):
@@ -80,86 +80,66 @@ class IA3Vector(Module):
 class IA3Linear(PeftLayer):
     """A frozen Linear (``base``) whose output (or input) is scaled by the active vector."""
 
+    mergeable = True
+
     def __init__(self, base, scale_input: bool):
         self.base = base                        # set first: its parameters are listed first
         super().__init__()
         self.scale_input = scale_input
-        self.merged_adapter: str | None = None  # which vector the weights currently hold
-
-    @property
-    def merged(self) -> bool:
-        return self.merged_adapter is not None
 
     def forward(self, x):
-        if self.merged:                         # the weights already hold the scale
-            if self.active != self.merged_adapter:
-                raise RuntimeError(f"IA3 adapter {self.merged_adapter!r} is merged into the "
-                                   f"weights but {self.active!r} is active: unmerge() first")
-            return self.base(x)
-        if self.active is None:
-            return self.base(x)
+        if self.active is None or self.active == self.merged_adapter:
+            return self.base(x)                 # merged: the weights already hold the scale
         l = getattr(self.adapters, self.active).l
         if self.scale_input:
             return self.base(x * l)                                 # (B, T, in) * (in,)
         return self.base(x) * l                                     # (B, T, out) * (out,)
 
     # ---------------------------------------------------------------- merge
-    def check_merge(self):
-        """Raise ValueError if ``merge()`` would refuse: another adapter is merged, or the active
-        vector has a zero or non-finite entry (PeftModel checks every layer before any merges).
-        Returns the folded (W, b) it checked (None: nothing to merge), for ``apply_merge``."""
-        if self.active is None or self.merged_adapter == self.active:
-            return None
-        if self.merged:
-            raise ValueError(f"IA3 adapter {self.merged_adapter!r} is merged; unmerge() before "
-                             f"merging {self.active!r}")
-        l = getattr(self.adapters, self.active).l.data
+    def _merge_plan(self, name: str):
+        """The folded (W, b), after checking that the vector is finite and non-zero and that
+        dividing it out again gives W and b back (PeftModel checks every layer first)."""
+        l = getattr(self.adapters, name).l.data
         if not bool(bk.xp.isfinite(l).all()) or bool((l == 0).any()):
-            raise ValueError(f"IA3 merge refused: adapter {self.active!r} has zero or non-finite "
+            raise ValueError(f"IA3 merge refused: adapter {name!r} has zero or non-finite "
                              f"entries in its scale vector of shape {l.shape}; merging would "
                              "destroy the base weights (they were left unchanged)")
-        w, b = self._folded(l, divide=False)     # checked here, so no layer merges before it
+        w, b = self._folded(l, divide=False)
         if not (bool(bk.xp.isfinite(w).all()) and (b is None or bool(bk.xp.isfinite(b).all()))):
             raise ValueError("IA3 merge: W * l overflows; the base weights were left unchanged")
+        w_back, b_back = self._folded(l, divide=True, w=w, b=b)
+        restores(self.base.weight.data, w_back, f"IA3 adapter {name!r}")
+        if b is not None:
+            restores(self.base.bias.data, b_back, f"IA3 adapter {name!r} (bias)")
         return w, b
 
     def merge(self) -> None:
         """W' = W * l[:, None], b' = l * b (output-scaled) or W' = W * l[None, :]. Idempotent."""
         self.apply_merge(self.check_merge())
 
-    def apply_merge(self, folded) -> None:
-        """Install the (W, b) ``check_merge`` returned (None: nothing to do)."""
-        if folded is None:
-            return
+    def _install(self, folded) -> None:
         self._set(*folded)
-        self.merged_adapter = self.active
 
-    def unmerge(self) -> None:
-        """Divide the merged vector back out of the weights. Idempotent."""
-        if not self.merged:
-            return
-        self._set(*self._folded(getattr(self.adapters, self.merged_adapter).l.data, divide=True))
-        self.merged_adapter = None
+    def _take_out(self, name: str) -> None:
+        """Divide the merged vector back out of the weights."""
+        self._set(*self._folded(getattr(self.adapters, name).l.data, divide=True))
 
-    def _folded(self, l, divide: bool):
-        """The weight and bias with ``l`` multiplied in (or divided out)."""
-        w, b = self.base.weight.data, self.base.bias
-        b = None if b is None else b.data
+    def _folded(self, l, divide: bool, w=None, b=None):
+        """The weight and bias (default: the layer's) with ``l`` multiplied in or divided out,
+        in the weights' dtype."""
+        if w is None:
+            w, b = self.base.weight.data, self.base.bias
+            b = None if b is None else b.data
         op = bk.xp.divide if divide else bk.xp.multiply
+        dt = w.dtype
         if self.scale_input:
-            return op(w, l[None, :]), b                             # (out, in) * (1, in)
-        return op(w, l[:, None]), (None if b is None else op(b, l))  # (out, in) * (out, 1)
+            return op(w, l[None, :]).astype(dt), b                  # (out, in) * (1, in)
+        return op(w, l[:, None]).astype(dt), (None if b is None else op(b, l).astype(dt))
 
     def _set(self, w, b) -> None:
         self.base.weight.data = w.astype(self.base.weight.dtype, copy=False)
         if b is not None:
             self.base.bias.data = b.astype(self.base.bias.dtype, copy=False)
-
-    def delete(self, name: str) -> None:
-        if name == self.merged_adapter:
-            raise ValueError(f"IA3 adapter {name!r} is merged into the base weights; "
-                             "unmerge() first")
-        super().delete(name)
 
     def __repr__(self) -> str:
         where = "input" if self.scale_input else "output"

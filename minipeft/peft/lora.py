@@ -46,13 +46,12 @@ adapter. Because it rewrites the frozen weight, a PiSSA adapter cannot join a la
 holds adapters. Loading a saved PiSSA adapter into a fresh base recomputes the same residual
 (the SVD of the same W0), so it reproduces the trained model.
 
-Targets. ``target_modules`` names the Linear layers to adapt. A target matches a module path
-(``blocks.0.attn.q_proj``) when it equals the path, when it is a dotted suffix of it ("q_proj",
-"attn.q_proj"), or, when it contains a regex metacharacter (any of ``^$*+?{}[]()|\\``; a plain
-dot does not count), when ``re.fullmatch(target, path)`` succeeds
-(e.g. ``r"blocks\\.[01]\\..*_proj"``).
-``layers`` then keeps only modules inside the listed blocks. ``target_embedding=True`` also adapts
-the token embedding ``tok_emb`` (see ``LoRAEmbedding``).
+Targets. ``target_modules`` names the Linear layers to adapt, by the shared rule of
+``targets.py``: a module path (``blocks.0.attn.q_proj``), a dotted suffix of it ("q_proj",
+"attn.q_proj"), or a glob (``"blocks.0.*"``, ``"*_proj"``). ``layers`` then keeps only modules
+inside the listed blocks. ``target_embedding=True`` also adapts the token embedding ``tok_emb``
+(see ``LoRAEmbedding``). The rank is bounded by the layer it adapts: ``r <= in + out`` (at
+``r = in out / (in + out)`` the factors already hold as many numbers as the dense matrix).
 
 Memory. Written as three ops (base linear, LoRA term, sum), the graph would keep two extra
 ``(…, out)`` arrays per adapted layer alive until backward, so a LoRA step could need *more*
@@ -64,18 +63,19 @@ the base model's, plus ``r`` numbers per token per layer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.autograd import Tensor, concatenate, counters, embedding, linear, matmul, transpose
 from minipeft.lowrank import pissa_init
 from minipeft.nn.layers import Dropout, Embedding, Linear
 from minipeft.nn.module import Module, Parameter
-from minipeft.peft.core import PeftConfig, PeftLayer
+from minipeft.peft import targets
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer, restores, row_adapters
 
 INITS = ("kaiming", "gaussian", "pissa")
-_REGEX_CHARS = set("^$*+?{}[]()|\\")
 
 
 @dataclass(frozen=True)
@@ -93,34 +93,20 @@ class LoraConfig(PeftConfig):
     mergeable = True
 
     def __post_init__(self):
-        tm = self.target_modules
-        object.__setattr__(self, "target_modules", (tm,) if isinstance(tm, str) else tuple(tm))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer (the rank), got {self.r!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"LoraConfig.alpha must be > 0 (the scale is alpha/r), "
-                             f"got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        super().__post_init__()
+        who = "LoraConfig"
+        checks.check_int(f"{who}.r", self.r, low=1)
+        checks.check_float(f"{who}.alpha", self.alpha, low=0.0, low_open=True)
+        checks.check_float(f"{who}.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        checks.check_choice(f"{who}.init", self.init, INITS)
+        checks.check_bool(f"{who}.use_rslora", self.use_rslora)
+        checks.check_bool(f"{who}.target_embedding", self.target_embedding)
+        object.__setattr__(self, "target_modules", targets.check_targets(
+            f"{who}.target_modules", self.target_modules, allow_empty=True))
+        object.__setattr__(self, "layers", targets.check_layers(f"{who}.layers", self.layers))
         if not self.target_modules and not self.target_embedding:
             raise ValueError("LoraConfig.target_modules is empty and target_embedding is False: "
                              "nothing to adapt")
-        if any(not isinstance(t, str) or not t for t in self.target_modules):
-            raise ValueError(f"LoraConfig.target_modules must be non-empty strings, "
-                             f"got {self.target_modules!r}")
-        for t in self.target_modules:
-            if _REGEX_CHARS & set(t):
-                try:
-                    re.compile(t)
-                except re.error as exc:
-                    raise ValueError(f"LoraConfig.target_modules: {t!r} is not a valid regex "
-                                     f"({exc})") from None
-        if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
-            raise ValueError(f"LoraConfig.layers must be block indices >= 0, got {self.layers!r}")
 
     @property
     def scale(self) -> float:
@@ -128,82 +114,40 @@ class LoraConfig(PeftConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     # ---------------------------------------------------------------- which modules
-    def select(self, model) -> list[str]:
-        """Paths of the modules this config adapts, in model order. Raises ValueError when a
-        target matches nothing or the choice is empty; changes nothing."""
-        cands = _candidates(model)
-        linears = [p for p, m in cands.items() if not isinstance(m, (Embedding, LoRAEmbedding))]
-        chosen = set()
-        for t in self.target_modules:
-            hits = [p for p in linears if _matches(t, p)]
-            if not hits:
-                names = sorted({p.rpartition(".")[2] for p in linears})
-                raise ValueError(f"LoraConfig.target_modules: {t!r} matches no Linear module; "
-                                 f"available Linear names: {names} (or full paths such as "
-                                 f"{linears[:1]})")
-            chosen.update(hits)
-        n_layer = model.config.n_layer
-        if self.layers is not None:
-            bad = [i for i in self.layers if i >= n_layer]
-            if bad:
-                raise ValueError(f"LoraConfig.layers: {bad} out of range for a model with "
-                                 f"{n_layer} blocks")
-            chosen = {p for p in chosen if _block_of(p) is None or _block_of(p) in self.layers}
+    def select(self, model) -> list[tuple[str, Module]]:
+        """(real path, module) of the modules this config adapts, in model order. Raises
+        ValueError when a target matches nothing or the choice is empty; changes nothing."""
+        chosen = []
+        if self.target_modules:
+            chosen += targets.select(model, "LoraConfig", self.target_modules, (Linear,),
+                                     self.layers, owner=LoRALinear)
         if self.target_embedding:
-            if "tok_emb" not in cands:
-                raise ValueError("LoraConfig.target_embedding: this model has no tok_emb")
-            chosen.add("tok_emb")
-        if not chosen:
-            raise ValueError(f"LoraConfig selects no module (targets {self.target_modules}, "
-                             f"layers {self.layers})")
-        return [p for p in cands if p in chosen]
+            chosen += targets.select(model, "LoraConfig", ("tok_emb",), (Embedding,),
+                                     owner=LoRAEmbedding, kind_name="Embedding")
+        return [(real, m) for _, real, m in chosen]
 
     def apply(self, model, name: str, seed: int) -> list[str]:
         """Wrap each selected module in a LoRA layer (or add ``name`` to an existing one)."""
-        paths = self.select(model)
-        mods = {p: model.get_submodule(p) for p in paths}
-        if self.init == "pissa":  # check every layer before any module changes
-            for p, m in mods.items():
-                shape = (m.base if isinstance(m, _LoRALayer) else m).weight.shape
-                if self.r > min(shape):
-                    raise ValueError(f"LoraConfig(init='pissa'): r={self.r} exceeds the "
-                                     f"smaller side of {p}'s weight {shape}")
-                if isinstance(m, _LoRALayer) and m.adapter_names():
-                    raise ValueError(f"LoraConfig(init='pissa') rewrites the frozen weight of "
-                                     f"{p}, which its adapters {m.adapter_names()} rely on; "
-                                     "give a PiSSA adapter a model of its own")
+        mods = self.select(model)
+        for p, m in mods:                     # check every layer before any module changes
+            shape = (m.base if isinstance(m, _LoRALayer) else m).weight.shape
+            if self.r > sum(shape):
+                raise ValueError(f"LoraConfig.r={self.r} exceeds in + out = {sum(shape)} of "
+                                 f"{p}'s weight {shape}")
+            if self.init == "pissa" and self.r > min(shape):
+                raise ValueError(f"LoraConfig(init='pissa'): r={self.r} exceeds the "
+                                 f"smaller side of {p}'s weight {shape}")
+            if self.init == "pissa" and isinstance(m, _LoRALayer) and m.adapter_names():
+                raise ValueError(f"LoraConfig(init='pissa') rewrites the frozen weight of "
+                                 f"{p}, which its adapters {m.adapter_names()} rely on; "
+                                 "give a PiSSA adapter a model of its own")
         rng = bk.host_rng(seed)
-        for p, m in mods.items():
+        for p, m in mods:
             if not isinstance(m, _LoRALayer):
                 m = LoRAEmbedding(m) if isinstance(m, Embedding) else LoRALinear(m)
                 model.set_submodule(p, m)
             m.add_adapter(name, self, rng)
-        return paths
-
-
-def _matches(target: str, path: str) -> bool:
-    """The target rule: exact path, dotted suffix, or (with regex metacharacters) fullmatch."""
-    if _REGEX_CHARS & set(target):
-        return re.fullmatch(target, path) is not None
-    return path == target or path.endswith("." + target)
-
-
-def _block_of(path: str) -> int | None:
-    parts = path.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 else None
-
-
-def _candidates(model) -> dict:
-    """path -> module for every Linear (or LoRA layer) and tok_emb, never inside a LoRA layer."""
-    out, inside = {}, []
-    for path, m in model.named_modules():
-        if any(path.startswith(q + ".") for q in inside):
-            continue
-        if isinstance(m, _LoRALayer):
-            inside.append(path)
-        if isinstance(m, (Linear, _LoRALayer)) or (path == "tok_emb" and isinstance(m, Embedding)):
-            out[path] = m
-    return out
+        return [p for p, _ in mods]
 
 
 # ============================================================================ the fused op
@@ -285,14 +229,11 @@ class _LoRALayer(PeftLayer):
 
     supports_mixed_batch = True
 
+    mergeable = True
+
     def __init__(self, base):
         self.base = base                        # set first: its parameters are listed first
         super().__init__()
-        self.merged_adapter: str | None = None  # which adapter W currently holds, if any
-
-    @property
-    def merged(self) -> bool:
-        return self.merged_adapter is not None
 
     def factors(self, name: str) -> LoRAFactors:
         return getattr(self.adapters, name)
@@ -321,16 +262,11 @@ class _LoRALayer(PeftLayer):
         bound = 1.0 / math.sqrt(in_f)              # kaiming_uniform(a=sqrt(5)), as loralib
         return rng.uniform(-bound, bound, size=(cfg.r, in_f))
 
-    def delete(self, name: str) -> None:
-        if name == self.merged_adapter:
-            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge() first")
-        super().delete(name)
-
     # ---------------------------------------------------------------- forward helpers
     def _mixed(self, x, lead):
         """Row i gets adapter ``row_adapters[i]`` (None: no update). Rows are grouped by
         adapter, each group runs its own adapter once, and the pieces are put back in order."""
-        names = self.row_adapters
+        names = row_adapters()
         if len(names) != lead[0]:
             raise ValueError(f"row_adapters has {len(names)} names for a batch of {lead[0]}")
         groups: dict = {}
@@ -352,7 +288,7 @@ class _LoRALayer(PeftLayer):
 
     def _update(self, x, lead):
         """The LoRA term to add to the base output, or None."""
-        if self.row_adapters is not None:
+        if row_adapters() is not None:
             return self._mixed(x, lead)
         if self.merged or self.active is None:  # merged: W already holds s B A
             return None
@@ -364,45 +300,35 @@ class _LoRALayer(PeftLayer):
         f = self.factors(name)
         return self._to_layout(f.scale * (f.B.data @ f.A.data))    # (out, r) @ (r, in)
 
-    def check_merge(self):
-        """Raise ValueError if ``merge()`` would refuse: another adapter is merged, the
-        active one holds NaN or inf, or ``W + s B A`` overflows (PeftModel checks every layer
-        before merging any). Returns the merged weight it checked (None: nothing to merge),
-        for ``apply_merge``."""
-        if self.active is None or self.merged_adapter == self.active:
-            return None
-        if self.merged:
-            raise ValueError(f"adapter {self.merged_adapter!r} is merged; unmerge() before "
-                             f"merging {self.active!r}")
-        f = self.factors(self.active)
+    def _merge_plan(self, name: str):
+        """The merged weight W + s B A, after checking that it is finite and that unmerging
+        (W + s B A) - s B A gives W back (PeftModel checks every layer before any merges)."""
+        f = self.factors(name)
         for label, t in (("A", f.A), ("B", f.B)):
             if not bool(bk.xp.isfinite(t.data).all()):
-                raise ValueError(f"merge: adapter {self.active!r} has non-finite values in "
+                raise ValueError(f"merge: adapter {name!r} has non-finite values in "
                                  f"{label}; the base weights were left unchanged")
-        W = self.base.weight.data + self.delta_weight(self.active)
+        W0 = self.base.weight.data
+        delta = self.delta_weight(name)
+        W = (W0 + delta).astype(W0.dtype)
         if not bool(bk.xp.isfinite(W).all()):
             raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
+        restores(W0, W - delta.astype(W0.dtype), f"adapter {name!r}")
         return W
 
     def merge(self) -> None:
         """W <- W + s B A for the active adapter. Idempotent. Refuses (ValueError, W unchanged)
-        when the adapter holds NaN or inf or the sum overflows."""
+        when the adapter holds NaN or inf, the sum overflows, or unmerging could not give W
+        back."""
         self.apply_merge(self.check_merge())
 
-    def apply_merge(self, W) -> None:
-        """Install the merged weight ``check_merge`` returned (None: nothing to do)."""
-        if W is None:
-            return
-        self.base.weight.data = W.astype(self.base.weight.dtype)
-        self.merged_adapter = self.active
+    def _install(self, W) -> None:
+        self.base.weight.data = W
 
-    def unmerge(self) -> None:
-        """W <- W - s B A for the merged adapter. Idempotent."""
-        if not self.merged:
-            return
-        W = self.base.weight.data - self.delta_weight(self.merged_adapter)
+    def _take_out(self, name: str) -> None:
+        """W <- W - s B A for the merged adapter."""
+        W = self.base.weight.data - self.delta_weight(name)
         self.base.weight.data = W.astype(self.base.weight.dtype)
-        self.merged_adapter = None
 
 
 class LoRALinear(_LoRALayer):
@@ -421,7 +347,7 @@ class LoRALinear(_LoRALayer):
         return linear(h, f.B)                                       # (..., r) -> (..., out)
 
     def forward(self, x):
-        if self.row_adapters is None:
+        if row_adapters() is None:
             if self.merged or self.active is None:                  # W already holds s B A
                 return self.base(x)
             f = self.factors(self.active)
@@ -471,8 +397,8 @@ class LoRAEmbedding(_LoRALayer):
     def weight(self):
         """The table as a tied head must see it: W0, plus s (B A)ᵀ when an adapter is active."""
         name = self.active
-        if self.row_adapters is not None:
-            used = {n if n in self.adapter_names() else None for n in self.row_adapters}
+        if row_adapters() is not None:
+            used = {n if n in self.adapter_names() else None for n in row_adapters()}
             if len(used) > 1:
                 raise ValueError("mixed-batch inference cannot give a tied LM head a different "
                                  "embedding table per row; untie the head or use one adapter")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.lowrank import svd
 from minipeft.peft.core import peft_layers
 from minipeft.peft.lora import LoraConfig, _LoRALayer
@@ -50,13 +51,17 @@ def add_weighted_adapter(peft_model, names, weights, new_name: str, how: str = "
     The active adapter stays as it was; returns the new adapter's config. Everything is
     checked before the model changes.
     """
-    names, weights = list(names), [float(w) for w in weights]
+    names = list(checks.check_str_tuple("add_weighted_adapter: names", names))
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"add_weighted_adapter: weights must be a list or tuple of numbers, "
+                        f"got {type(weights).__name__}")
+    weights = [checks.check_float(f"add_weighted_adapter: weights[{i}]", w)
+               for i, w in enumerate(weights)]
     cfgs = peft_model.peft_configs
     if peft_model.method != "lora":
         raise ValueError(f"add_weighted_adapter needs LoRA adapters, this model holds "
                          f"{peft_model.method}")
-    if how not in HOWS:
-        raise ValueError(f"add_weighted_adapter: how must be one of {HOWS}, got {how!r}")
+    checks.check_choice("add_weighted_adapter: how", how, HOWS)
     if not names or len(names) != len(weights):
         raise ValueError(f"add_weighted_adapter: need one weight per adapter, got "
                          f"{len(names)} names and {len(weights)} weights")
@@ -76,9 +81,7 @@ def add_weighted_adapter(peft_model, names, weights, new_name: str, how: str = "
         r = max(ranks) if r is None else r
         smallest = min(min(m._shape()) for p, m in layers
                        if any(n in m.adapter_names() for n in names))
-        if not isinstance(r, int) or not 1 <= r <= smallest:
-            raise ValueError(f"add_weighted_adapter(how='svd'): r must be an integer in "
-                             f"[1, {smallest}], got {r!r}")
+        checks.check_int("add_weighted_adapter(how='svd'): r", r, low=1, high=smallest)
     else:
         r = sum(ranks) if how == "cat" else ranks[0]
 
@@ -91,15 +94,16 @@ def add_weighted_adapter(peft_model, names, weights, new_name: str, how: str = "
                      target_embedding=any(c.target_embedding for c in first))
     # alpha = r and no rsLoRA: s = 1, so the new adapter's update is exactly B @ A.
     active = peft_model.active_adapter
-    peft_model.add_adapter(new_name, cfg, seed)
-    for _, layer in layers:
-        if new_name not in layer.adapter_names():
-            continue
-        A, B = _combine(layer, names, weights, how, r)
-        f = layer.factors(new_name)
-        f.A.data = A.astype(f.A.dtype)                               # (r, in)
-        f.B.data = B.astype(f.B.dtype)                               # (out, r)
-    peft_model.set_adapter(active)
+    with peft_model._transaction():                 # all or nothing, as every PeftModel call
+        peft_model.add_adapter(new_name, cfg, seed)
+        for _, layer in layers:
+            if new_name not in layer.adapter_names():
+                continue
+            A, B = _combine(layer, names, weights, how, r)
+            f = layer.factors(new_name)
+            f.A.data = A.astype(f.A.dtype)                           # (r, in)
+            f.B.data = B.astype(f.B.dtype)                           # (out, r)
+        peft_model.set_adapter(active)
     return cfg
 
 

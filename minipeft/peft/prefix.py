@@ -34,13 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.autograd import broadcast_to, no_grad, tanh
 from minipeft.nn.layers import Linear
 from minipeft.nn.module import Module, Parameter
-from minipeft.peft.core import PeftConfig, PeftLayer
-from minipeft.peft.prompt import check_budget, check_init, check_room, text_ids
-
-INITS = ("random", "vocab", "text")
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer
+from minipeft.peft.virtual_tokens import check_budget, check_init, check_room, text_ids
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class PrefixTuningConfig(PeftConfig):
     mergeable = False
 
     def __post_init__(self):
+        super().__post_init__()
         for field_name in ("num_virtual_tokens", "hidden"):
-            v = getattr(self, field_name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"PrefixTuningConfig.{field_name} must be a positive int, "
-                                 f"got {v!r}")
-        check_init(self.init, self.init_token_ids, "PrefixTuningConfig", INITS)
+            checks.check_int(f"PrefixTuningConfig.{field_name}", getattr(self, field_name), low=1)
+        checks.check_bool("PrefixTuningConfig.reparameterize", self.reparameterize)
+        object.__setattr__(self, "init_token_ids", check_init(
+            self.init, self.init_token_ids, "PrefixTuningConfig"))
         if self.reparameterize and self.init != "random":
             raise ValueError(f"PrefixTuningConfig(init={self.init!r}) needs reparameterize=False:"
                              " an MLP's output cannot start at a given table; use init='random'")
@@ -69,6 +69,9 @@ class PrefixTuningConfig(PeftConfig):
         cfg = model.config
         n, L, C = self.num_virtual_tokens, cfg.n_layer, cfg.n_embd
         check_room(n, cfg.block_size, "PrefixTuningConfig")
+        if self.reparameterize and self.hidden > L * 2 * C:
+            raise ValueError(f"PrefixTuningConfig.hidden={self.hidden} exceeds the prefix "
+                             f"width n_layer * 2 * n_embd = {L * 2 * C}")
         dtype = model.tok_emb.weight.dtype
         rng = bk.host_rng(seed)
         if self.reparameterize:
@@ -128,6 +131,8 @@ class PrefixMLP(Module):
 
 class PrefixEncoder(PeftLayer):
     """Attached to the base as ``model.prefix_encoder``; turns the active prefix into ``past``."""
+
+    adds_inputs = True
 
     def __init__(self, cfg):
         super().__init__()

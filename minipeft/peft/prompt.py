@@ -27,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minipeft import backend as bk
+from minipeft import checks
 from minipeft.nn.module import Module, Parameter
-from minipeft.peft.core import PeftConfig, PeftLayer
-
-INITS = ("random", "vocab", "text")
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer
+from minipeft.peft.virtual_tokens import check_budget, check_init, check_room, text_ids
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,10 @@ class PromptTuningConfig(PeftConfig):
     mergeable = False
 
     def __post_init__(self):
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"PromptTuningConfig.num_virtual_tokens must be a positive int, "
-                             f"got {n!r}")
-        check_init(self.init, self.init_token_ids, "PromptTuningConfig", INITS)
+        super().__post_init__()
+        checks.check_int("PromptTuningConfig.num_virtual_tokens", self.num_virtual_tokens, low=1)
+        object.__setattr__(self, "init_token_ids", check_init(
+            self.init, self.init_token_ids, "PromptTuningConfig"))
 
     def apply(self, model, name: str, seed: int) -> list[str]:
         cfg = model.config
@@ -80,6 +80,8 @@ class SoftPrompt(Module):
 class PromptEncoder(PeftLayer):
     """Attached to the base as ``model.prompt_encoder``; hands the active prompt to the model."""
 
+    adds_inputs = True
+
     def __init__(self, block_size: int):
         super().__init__()
         self.block_size = block_size
@@ -99,35 +101,3 @@ class PromptEncoder(PeftLayer):
 
     def __repr__(self) -> str:
         return f"PromptEncoder(adapters={self.adapter_names()}, active={self.active})"
-
-
-# ---------------------------------------------------------------------------- shared checks
-def check_init(init: str, token_ids, who: str, allowed) -> None:
-    if init not in allowed:
-        raise ValueError(f"{who}.init must be one of {allowed}, got {init!r}")
-    if init == "text" and (not token_ids or any(
-            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in token_ids)):
-        raise ValueError(f"{who}(init='text') needs init_token_ids: a non-empty sequence of "
-                         f"token ids >= 0, got {token_ids!r}")
-
-
-def check_room(n: int, block_size: int, who: str) -> None:
-    if n >= block_size:
-        raise ValueError(f"{who}: num_virtual_tokens={n} leaves no room for real tokens in "
-                         f"block_size={block_size}; use fewer than {block_size}")
-
-
-def check_budget(n: int, T: int, block_size: int, who: str) -> None:
-    """The context budget: n virtual tokens + T real tokens must fit in block_size."""
-    if n + T > block_size:
-        raise ValueError(f"{who}: {n} virtual tokens + {T} input tokens = {n + T} exceed the "
-                         f"model's block_size={block_size}; give at most {block_size - n} "
-                         "input tokens or use fewer virtual tokens")
-
-
-def text_ids(token_ids, n: int, vocab_size: int, who: str):
-    """``token_ids`` repeated or truncated to length n, checked against the vocabulary."""
-    bad = [i for i in token_ids if i >= vocab_size]
-    if bad:
-        raise ValueError(f"{who}.init_token_ids must lie in [0, {vocab_size}), got {bad}")
-    return bk.np.resize(bk.np.asarray(token_ids, dtype=bk.np.int64), n)    # (n,)

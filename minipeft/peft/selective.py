@@ -14,16 +14,27 @@ gradient is still computed, then the update is applied only where the mask is Tr
 elements stay bit-identical). Lesson 04 measures this.
 
 Full fine-tuning is the preset that selects everything, so every comparison uses one code path.
+
+Like every method, the selection lives in a PEFT layer: ``Selection``, attached to the base as
+``peft_selection``. It holds, per adapter, the names it trains, their masks, and a host copy of
+the original values, so that ``set_adapter(None)`` / ``disable_adapter()`` / ``unload()`` give
+the base model back, and several selective adapters can share one base (each adapter's trained
+values are swapped in when it becomes active). A saved adapter holds each trained tensor in
+full, or ``(flat indices, values)`` where a mask applies; loading takes the mask from those
+indices, so a random or gradient mask needs neither its seed nor calibration batches again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from minipeft import backend as bk
-from minipeft.io import CheckpointError
-from minipeft.peft.adapters import check_layers
-from minipeft.peft.core import PeftConfig
+from minipeft import checks
+from minipeft.nn.module import Module
+from minipeft.peft import targets
+from minipeft.peft.config import PeftConfig
+from minipeft.peft.layer import PeftLayer
+from minipeft.peft.targets import layer_of
 
 COMPONENTS = ("attention", "mlp", "norms", "embeddings", "head")
 PARAM_TYPES = ("weight", "bias")
@@ -45,12 +56,6 @@ def component_of(name: str) -> str:
     raise ValueError(f"component_of: cannot place parameter {name!r} in {COMPONENTS}")
 
 
-def layer_of(name: str) -> int | None:
-    """The block index of ``blocks.{i}.…``, None outside the blocks."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" else None
-
-
 @dataclass(frozen=True)
 class SelectiveConfig(PeftConfig):
     components: tuple = ("all",)       # subset of COMPONENTS, or ("all",)
@@ -66,44 +71,56 @@ class SelectiveConfig(PeftConfig):
     method = "selective"
 
     def __post_init__(self):
-        for name in ("components", "param_types"):   # one name, as LoraConfig accepts
-            v = getattr(self, name)
-            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
-        comps = self.components
+        super().__post_init__()
+        who = "SelectiveConfig"
+        comps = targets.check_targets(f"{who}.components", self.components)
         bad = [c for c in comps if c not in COMPONENTS + ("all",)]
-        if bad or not comps:
-            raise ValueError(f"SelectiveConfig.components: unknown {bad or comps}; "
-                             f"choose from {COMPONENTS + ('all',)}")
-        bad = [t for t in self.param_types if t not in PARAM_TYPES]
-        if bad or not self.param_types:
-            raise ValueError(f"SelectiveConfig.param_types: unknown {bad or self.param_types}; "
-                             f"choose from {PARAM_TYPES}")
-        if self.mask not in MASKS:
-            raise ValueError(f"SelectiveConfig.mask must be one of {MASKS}, got {self.mask!r}")
-        if not 0.0 < self.mask_fraction <= 1.0:
-            raise ValueError(f"SelectiveConfig.mask_fraction must be in (0, 1], "
-                             f"got {self.mask_fraction}")
-        if self.last_k is not None and (isinstance(self.last_k, bool) or
-                                        not isinstance(self.last_k, int) or self.last_k <= 0):
-            raise ValueError(f"SelectiveConfig.last_k must be a positive int, got {self.last_k!r}")
+        if bad:
+            raise ValueError(f"{who}.components: unknown {bad}; choose from "
+                             f"{COMPONENTS + ('all',)}")
+        kinds = targets.check_targets(f"{who}.param_types", self.param_types)
+        bad = [t for t in kinds if t not in PARAM_TYPES]
+        if bad:
+            raise ValueError(f"{who}.param_types: unknown {bad}; choose from {PARAM_TYPES}")
+        object.__setattr__(self, "components", comps)
+        object.__setattr__(self, "param_types", kinds)
+        object.__setattr__(self, "layers", targets.check_layers(f"{who}.layers", self.layers))
+        if self.last_k is not None:
+            checks.check_int(f"{who}.last_k", self.last_k, low=1)
+        if self.mask is not None:
+            checks.check_choice(f"{who}.mask", self.mask, MASKS[1:])
+        checks.check_float(f"{who}.mask_fraction", self.mask_fraction, low=0.0, high=1.0,
+                           low_open=True)
+        if not isinstance(self.label, str) or not self.label:
+            raise TypeError(f"{who}.label must be a non-empty string, got {self.label!r}")
+        if not isinstance(self.calibration, (tuple, list)):
+            raise TypeError(f"{who}.calibration must be a tuple of (x, y) batches")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         d.pop("calibration")
         return d
 
+    def loadable(self) -> SelectiveConfig:
+        """Loading takes each mask from the file's indices: build without one (no calibration
+        batches, no seed needed)."""
+        return replace(self, mask=None, calibration=())
+
     # ---------------------------------------------------------------- which tensors
     def selected(self, model) -> list[str]:
-        """Names of the parameters this config trains."""
+        """Names of the base parameters this config trains."""
         n_layer = model.config.n_layer
-        layers = self.layers
         if self.last_k is not None:
-            layers = tuple(range(max(n_layer - self.last_k, 0), n_layer))
-        elif layers is not None:                      # else a wrong index selects silently less
-            layers = tuple(check_layers(layers, n_layer, "SelectiveConfig"))
+            if self.last_k > n_layer:
+                raise ValueError(f"SelectiveConfig.last_k={self.last_k} exceeds the model's "
+                                 f"{n_layer} blocks")
+            layers = tuple(range(n_layer - self.last_k, n_layer))
+        else:                                         # else a wrong index selects silently less
+            layers = self.layers and tuple(targets.in_range("SelectiveConfig.layers",
+                                                            self.layers, n_layer))
         comps = COMPONENTS if "all" in self.components else self.components
         names = []
-        for name, _ in model.named_parameters():
+        for name in targets.base_parameters(model):
             kind = "bias" if name.endswith(".bias") else "weight"
             layer = layer_of(name)
             if component_of(name) not in comps or kind not in self.param_types:
@@ -124,15 +141,19 @@ class SelectiveConfig(PeftConfig):
             raise ValueError(f"SelectiveConfig selects no parameter of this model "
                              f"(components={self.components}, layers={self.layers}, "
                              f"last_k={self.last_k}, param_types={self.param_types})")
-        params = dict(model.named_parameters())
+        params = targets.base_parameters(model)
         scores = _gradient_scores(model, chosen, self.calibration) if self.mask == "gradient" \
             else {}
         rng = bk.host_rng(seed)
+        masks = {}
         for n in chosen:
-            p = params[n]
-            p.requires_grad = True
             if self.mask is not None and self.mask_fraction < 1.0:
-                p.mask = _top_fraction(self._score(p, n, scores, rng), self.mask_fraction)
+                masks[n] = _top_fraction(self._score(params[n], n, scores, rng),
+                                         self.mask_fraction)
+        holder = vars(model).get("peft_selection")
+        if holder is None:                            # surgery: the base gains one attribute
+            holder = model.peft_selection = Selection()
+        holder.add(name, {n: params[n] for n in chosen}, masks)
         return chosen
 
     def _score(self, p, name, scores, rng):
@@ -142,51 +163,144 @@ class SelectiveConfig(PeftConfig):
             return bk.xp.abs(p.data)
         return scores[name]
 
-    # ---------------------------------------------------------------- saving
-    def adapter_state(self, model) -> dict:
+
+class Chosen(Module):
+    """One selective adapter: which base parameters train, their masks, and (while another
+    adapter is active) its trained values. No Parameters of its own."""
+
+    def __init__(self, params: dict, masks: dict):
+        self.params = params          # name -> the base Parameter (a dict: not walked)
+        self.masks = masks            # name -> boolean mask (absent: the whole tensor)
+        self.parked = {}              # name -> trained values while not active
+
+
+class Selection(PeftLayer):
+    """Holds every selective adapter of a model and the original values of what they train.
+
+    Active adapter a: a's parameters hold a's values, train, and carry a's masks; every other
+    selected parameter holds its original value. Switching parks a's values and brings the
+    next adapter's in; None brings the base back."""
+
+    names_from_root = True        # its tensors are the base's own, named as in the base
+
+    def __init__(self):
+        super().__init__()
+        self.originals = {}       # name -> host copy of the value before any adapter trained
+
+    def add(self, name: str, params: dict, masks: dict) -> None:
+        for n, p in params.items():
+            self.originals.setdefault(n, bk.to_numpy(p.data).copy())
+        setattr(self.adapters, name, Chosen(params, masks))
+
+    def adapter_tensors(self, name: str) -> dict:
+        return dict(getattr(self.adapters, name).params)
+
+    def set_active(self, name: str | None) -> None:
+        name = name if name in self.adapter_names() else None
+        if name == self.active:
+            return
+        if self.active is not None:                   # park the active adapter's values
+            a = getattr(self.adapters, self.active)
+            for n, p in a.params.items():
+                a.parked[n] = p.data
+                p.data = bk.asarray(self.originals[n]).copy()
+                p.requires_grad, p.mask = False, None
+        if name is not None:                          # and bring the next one's in
+            a = getattr(self.adapters, name)
+            for n, p in a.params.items():
+                if n in a.parked:
+                    p.data = a.parked.pop(n)
+                p.requires_grad, p.mask = True, a.masks.get(n)
+        self.active = name
+
+    def delete(self, name: str) -> None:
+        if self.active == name:
+            self.set_active(None)
+        super().delete(name)
+
+    def detach(self, model, path: str) -> None:
+        self.set_active(None)                         # the base's values back
+        super().detach(model, path)
+
+    def snapshot(self):
+        own, adapters = super().snapshot()
+        parked = {n: dict(getattr(self.adapters, n).parked) for n in self.adapter_names()}
+        return own, adapters, dict(self.originals), parked
+
+    def restore(self, snap) -> None:
+        own, adapters, originals, parked = snap
+        super().restore((own, adapters))
+        self.originals = originals
+        for n, values in parked.items():
+            getattr(self.adapters, n).parked = values
+
+    # ---------------------------------------------------------------- save / load
+    def _values(self, name: str, n: str):
+        """Adapter ``name``'s current values of ``n`` (live when active, else parked)."""
+        a = getattr(self.adapters, name)
+        return a.parked[n] if n in a.parked else a.params[n].data
+
+    def state(self, name: str) -> dict:
         """Each trained tensor in full, or (flat indices, values) where a mask applies."""
+        a = getattr(self.adapters, name)
         out = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.mask is None:
-                out[name] = p.data
+        for n in a.params:
+            v = self._values(name, n)
+            if n not in a.masks:
+                out[n] = v
             else:
-                idx = bk.xp.flatnonzero(p.mask)
-                out[f"{name}::indices"] = idx.astype(bk.np.int64)
-                out[f"{name}::values"] = p.data.reshape(-1)[idx]
+                idx = bk.xp.flatnonzero(a.masks[n])
+                out[f"{n}::indices"] = idx.astype(bk.np.int64)
+                out[f"{n}::values"] = v.reshape(-1)[idx]
         return out
 
-    def load_state(self, model, tensors: dict) -> None:
-        """Write saved values into the base weights, after checking every name and shape."""
-        params = dict(model.named_parameters())
-        plan = []
-        for key, arr in tensors.items():
-            base, _, part = key.partition("::")
-            if base not in params:
-                raise CheckpointError(f"adapter tensor {key!r} names no parameter of this model")
-            if part == "":
-                if tuple(arr.shape) != params[base].shape:
-                    raise CheckpointError(f"{key}: expected shape {params[base].shape}, "
-                                          f"file has {tuple(arr.shape)}")
-                plan.append((base, None, arr))
-            elif part == "indices":
-                values = tensors.get(f"{base}::values")
-                if values is None or values.shape != arr.shape or \
-                        (arr.size and (arr.min() < 0 or arr.max() >= params[base].size)):
-                    raise CheckpointError(f"{base}: sparse indices/values do not fit shape "
-                                          f"{params[base].shape}")
-                plan.append((base, arr, values))
-            elif part != "values":
-                raise CheckpointError(f"adapter tensor {key!r} is not a selective tensor")
-        for base, idx, values in plan:
-            p = params[base]
-            if idx is None:
-                p.data = bk.asarray(values, dtype=p.dtype).copy()
+    def claims(self, name: str, key: str) -> bool:
+        base, _, part = key.partition("::")
+        return base in getattr(self.adapters, name).params and part in ("", "indices", "values")
+
+    def check_state(self, name: str, arrays: dict) -> tuple[list, list]:
+        a = getattr(self.adapters, name)
+        missing, problems = [], []
+        for n, p in a.params.items():
+            full, idx, values = (arrays.get(n), arrays.get(f"{n}::indices"),
+                                 arrays.get(f"{n}::values"))
+            if full is not None and idx is None and values is None:
+                if tuple(full.shape) != p.shape:
+                    problems.append(f"{n}: expected {p.shape}, file {tuple(full.shape)}")
+            elif full is None and idx is not None and values is not None:
+                if idx.dtype.kind not in "iu" or idx.ndim != 1 or values.shape != idx.shape or \
+                        (idx.size and (idx.min() < 0 or idx.max() >= p.size)) or \
+                        len(bk.np.unique(idx)) != idx.size:
+                    problems.append(f"{n}: sparse indices/values do not fit shape {p.shape}")
+            elif full is None and idx is None and values is None:
+                missing.append(n)
             else:
-                flat = p.data.reshape(-1).copy()
-                flat[bk.asarray(idx)] = bk.asarray(values, dtype=p.dtype)
+                problems.append(f"{n}: give the tensor in full or as ::indices and ::values")
+        return missing, problems
+
+    def load_state(self, name: str, arrays: dict) -> None:
+        """Write the file's values (the adapter is active: PeftModel activates it first)."""
+        a = getattr(self.adapters, name)
+        for n, p in a.params.items():
+            if n in arrays:
+                p.data = bk.asarray(arrays[n], dtype=p.dtype).copy()
+                a.masks.pop(n, None)
+            else:
+                idx = bk.asarray(arrays[f"{n}::indices"])
+                flat = bk.asarray(self.originals[n]).reshape(-1).copy()
+                flat[idx] = bk.asarray(arrays[f"{n}::values"], dtype=p.dtype)
                 p.data = flat.reshape(p.shape)
+                mask = bk.xp.zeros(p.size, dtype=bool)
+                mask[idx] = True
+                a.masks[n] = mask.reshape(p.shape)
+            if self.active != name:
+                a.parked[n] = p.data
+                p.data = bk.asarray(self.originals[n]).copy()
+            else:
+                p.mask = a.masks.get(n)
+
+    def __repr__(self) -> str:
+        return f"Selection(adapters={self.adapter_names()}, active={self.active})"
 
 
 def _top_fraction(score, fraction: float):
@@ -201,7 +315,7 @@ def _top_fraction(score, fraction: float):
 
 def _gradient_scores(model, names, batches) -> dict:
     """Sum over calibration batches of the squared gradient of each chosen tensor (Fisher)."""
-    params = dict(model.named_parameters())
+    params = targets.base_parameters(model)
     flags = {n: p.requires_grad for n, p in params.items()}
     for n in names:
         params[n].requires_grad = True
