@@ -1,22 +1,39 @@
 """The study: one base model, one new task B, every method, measured side by side.
 
-For each method and seed, starting from the same pretrained base (which knows task A):
+For each method, learning rate and seed, starting from the same pretrained base (which knows the
+old tasks, e.g. copy, reverse, cipher, count):
   1. parameter efficiency  -- trainable count and %, adapter bytes on disk;
   2. memory efficiency     -- measured peak of one training step, with its breakdown;
   3. training speed        -- step time (the fastest of several) and tokens/s;
-  4. model quality         -- task-B exact match and loss, with the learning curve;
+  4. model quality         -- task-B loss, answer-token accuracy and exact match, on a curve;
   5. inference cost        -- ms per generated token (KV cache), merged where mergeable;
-  and forgetting           -- task-A exact match before minus after, on held-out examples,
-                              with the adapter active (merged where it can be).
+  and forgetting           -- old-task exact match before minus after, on held-out examples,
+                              with the adapter active; every evaluation records loss, answer-
+                              token accuracy and exact match for task B and for EACH old task.
 
-Honest design: each method gets its own learning rate (from a small sweep, or the defaults
-below, which came from one), every method sees the same number of training tokens, and
-forgetting is also read at *matched task-B quality* (the first evaluation at which task B reaches
-``match_em``), since a method that learns nothing forgets nothing.
+A fair design, because an unfair one measures itself rather than PEFT:
+  * The marker. Task B's marker (``<shift>``) never appeared as an input in pretraining, and a
+    method that cannot change its embedding cannot learn to *condition* on it: the cheapest
+    solution is then "do task B to every input", which wrecks the old tasks for a reason that
+    has nothing to do with how many parameters changed. ``train_marker=True`` (the default)
+    trains the marker's embedding row with every method (``trainable_token_indices``, as
+    Hugging Face PEFT offers; full fine-tuning trains it anyway).
+  * Rehearsal. ``rehearsal`` is the fraction of training rows drawn from the old tasks (0 and
+    0.1 in lesson 09): with none, nothing in the data says old inputs keep their old answers.
+  * What the model answers. On ``<copy>`` rows each answer token is classified as copied
+    (right), shifted (task B's answer leaking in) or other (``copy_outputs``), for the trained
+    model and for the base (the adapter switched off).
+  * Learning rates and seeds. Each method runs at several learning rates (``lr_mults`` times its
+    default) and seeds, so a lesson can report the seeds' spread and each method's best lr.
+  * Matched quality. A method that learns little of task B may also forget little, so forgetting
+    is also read where each run's path crosses task-B answer-token accuracy ``match_tok``,
+    interpolated between the two evaluations around the crossing
+    (``minipeft.verdicts.interpolate_at``), not at the first evaluation above it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minipeft import backend as bk
-from minipeft.data import TaskMixture
+from minipeft.data import STOI, TaskMixture
+from minipeft.data.tasks import _A, SHIFT
 from minipeft.nn import GPT, generate
 from minipeft.train import TrainConfig, evaluate_lm, train
+from minipeft.verdicts import interpolate_at
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,11 @@ class StudyConfig:
     batch_size: int = 64
     eval_every: int = 50             # learning-curve resolution
     eval_examples: int = 300         # held-out examples per task per evaluation
-    match_em: float = 0.5            # task-B accuracy at which forgetting is compared
+    match_tok: float = 0.6           # task-B answer-token accuracy at which forgetting is read
+    lr_mults: tuple = (1.0,)         # each method runs at these multiples of its default lr
+    rehearsal: float = 0.0           # fraction of training rows drawn from the old tasks
+    train_marker: bool = True        # task B's marker row of the embedding trains (every method)
+    measure_costs: bool = True       # memory, step time, adapter bytes, generation speed
     lr_sweep: tuple = ()             # multipliers of each method's default lr, e.g. (0.3, 1, 3)
     sweep_steps: int = 100
     gen_tokens: int = 16
@@ -94,7 +117,7 @@ class StudyConfig:
 
 @dataclass
 class RunRecord:
-    """Everything measured for one (method, seed)."""
+    """Everything measured for one (method, lr, seed, rehearsal, marker setting)."""
     method: str
     family: str
     seed: int
@@ -115,9 +138,19 @@ class RunRecord:
     gen_ms_per_token_unmerged: float | None
     extra_prompt_len: int
     mergeable: bool
-    curve: list = field(default_factory=list)   # [{"step", "b_em", "a_em", ...}]
-    a_em_at_match: float | None = None          # task-A accuracy when B first reached match_em
-    step_at_match: int | None = None
+    curve: list = field(default_factory=list)   # [{"step", "b_em", "b_tok", "a_em", "tasks"..}]
+    a_em_at_match: float | None = None          # old-task EM where task B crossed match_tok
+    step_at_match: float | None = None          # the (interpolated) step of that crossing
+    b_tok: float = 0.0                          # task-B answer-token accuracy at the end
+    a_tok_before: float = 0.0                   # old tasks' answer-token accuracy (mean)
+    a_tok_after: float = 0.0
+    tasks_before: dict = field(default_factory=dict)  # task -> {loss, token_acc, exact_match}
+    tasks_after: dict = field(default_factory=dict)
+    copy_outputs: dict | None = None            # <copy> answer tokens: copied/shifted/other
+    copy_outputs_before: dict | None = None     # the same for the base (adapter off)
+    rehearsal: float = 0.0
+    train_marker: bool = False
+    match_tok: float | None = None
 
     @property
     def trainable_pct(self) -> float:
@@ -125,8 +158,13 @@ class RunRecord:
 
     @property
     def forgetting(self) -> float:
-        """Drop in held-out task-A exact match (before minus after)."""
+        """Drop in held-out old-task exact match (before minus after)."""
         return self.a_em_before - self.a_em_after
+
+    @property
+    def forgetting_at_match(self) -> float | None:
+        """Drop in old-task exact match at matched task-B quality (None: never got there)."""
+        return None if self.a_em_at_match is None else self.a_em_before - self.a_em_at_match
 
 
 def score(model, x, y, ignore_index: int = -100, predictions: bool = False) -> dict:
@@ -162,10 +200,56 @@ def score(model, x, y, ignore_index: int = -100, predictions: bool = False) -> d
     return out
 
 
-def _task_a_em(model, mix_a, tasks_a, n) -> tuple[float, float]:
-    scores = [evaluate_lm(model, *mix_a.eval_set(t, n)) for t in tasks_a]
-    return (statistics.mean(s["exact_match"] for s in scores),
-            statistics.mean(s["loss"] for s in scores))
+def _evaluate_tasks(model, sets: dict) -> dict:
+    """task -> {loss, token_acc, exact_match} on each held-out set (adapter active)."""
+    return {t: {k: v for k, v in score(model, x, y).items() if k != "pred"}
+            for t, (x, y) in sets.items()}
+
+
+def _old_means(per: dict, tasks_a) -> dict:
+    """Mean over the old tasks of exact match, loss and answer-token accuracy."""
+    return {"a_em": statistics.mean(per[t]["exact_match"] for t in tasks_a),
+            "a_loss": statistics.mean(per[t]["loss"] for t in tasks_a),
+            "a_tok": statistics.mean(per[t]["token_acc"] for t in tasks_a)}
+
+
+def copy_outputs(model, x, y, task_b: str) -> dict | None:
+    """On ``<copy>`` rows, what does each answer token become? copied (right), shifted (task
+    B's answer: the input letter moved SHIFT places) or other. Only for task B = shift."""
+    if task_b != "shift":
+        return None
+    pred = score(model, x, y, predictions=True)["pred"]           # (n, T) argmax ids
+    y = bk.np.asarray(y)
+    answer = y != -100                                             # copy: target = input letter
+    shifted = _A + (y - _A + SHIFT) % 10                           # the letter task B would give
+    copied = (pred == y) & answer
+    moved = (pred == shifted) & answer & ~copied
+    n = int(answer.sum())
+    return {"copied": int(copied.sum()) / n, "shifted": int(moved.sum()) / n,
+            "other": 1 - (int(copied.sum()) + int(moved.sum())) / n}
+
+
+def rehearsal_sampler(mix_b: TaskMixture, mix_a: TaskMixture, fraction: float, seed: int):
+    """Batches of task B in which each row is, with probability ``fraction``, an old-task row
+    instead (rehearsal: the old answers stay in the data)."""
+    rng = bk.host_rng([seed, 5])
+
+    def sample(n: int):
+        k = min(int(rng.binomial(n, fraction)), n - 1) if fraction > 0 else 0
+        xb, yb = mix_b.sample(n - k)
+        if not k:
+            return xb, yb
+        xa, ya = mix_a.sample(k)
+        order = rng.permutation(n)                                 # old rows anywhere
+        return bk.np.concatenate([xb, xa])[order], bk.np.concatenate([yb, ya])[order]
+    return sample
+
+
+def with_marker(config, spec_name: str, task_b: str):
+    """``config`` with task B's marker row trainable; full fine-tuning trains it already."""
+    if spec_name == "full":
+        return config
+    return dataclasses.replace(config, trainable_token_indices=(STOI[f"<{task_b}>"],))
 
 
 def run_one(spec: MethodSpec, base_state: dict, base_cfg, tasks_a, study: StudyConfig,
@@ -176,57 +260,71 @@ def run_one(spec: MethodSpec, base_state: dict, base_cfg, tasks_a, study: StudyC
 
     base = GPT(base_cfg)
     base.load_state_dict(base_state)
-    mix_a = TaskMixture(list(tasks_a), seed=seed, length=length)
+    mix_a = TaskMixture(list(tasks_a), seed=seed, length=length)          # held-out sets
     mix_b = TaskMixture([study.task_b], seed=1000 + seed, length=length)
-    xb_eval, yb_eval = mix_b.eval_set(study.task_b, study.eval_examples)
-    a_em_before, a_loss_before = _task_a_em(base, mix_a, tasks_a, study.eval_examples)
+    sets = {t: mix_a.eval_set(t, study.eval_examples) for t in tasks_a}
+    sets[study.task_b] = mix_b.eval_set(study.task_b, study.eval_examples)
+    xb_eval = sets[study.task_b][0]
+    before = _evaluate_tasks(base, sets)
+    copy_set = sets.get("copy")
+    copy_before = copy_outputs(base, *copy_set, study.task_b) if copy_set else None
 
     config = spec.build()
+    if study.train_marker:
+        config = with_marker(config, spec.name, study.task_b)
     model = get_peft_model(base, config, seed=seed)
     merge = getattr(config, "mergeable", False)
 
     def evaluate(m):
-        b = evaluate_lm(m, xb_eval, yb_eval)
-        if merge:
-            m.merge()
-        a_em, a_loss = _task_a_em(m, mix_a, tasks_a, study.eval_examples)
-        if merge:
-            m.unmerge()
-        return {"b_em": b["exact_match"], "b_loss": b["loss"], "a_em": a_em, "a_loss": a_loss}
+        per = _evaluate_tasks(m, sets)
+        return {"b_em": per[study.task_b]["exact_match"], "b_loss": per[study.task_b]["loss"],
+                "b_tok": per[study.task_b]["token_acc"], **_old_means(per, tasks_a),
+                "tasks": per}
 
+    mix_old = TaskMixture(list(tasks_a), seed=2000 + seed, length=length)  # rehearsal stream
+    sample = rehearsal_sampler(mix_b, mix_old, study.rehearsal, seed)
     cfg = TrainConfig(steps=study.steps, batch_size=study.batch_size, lr=lr,
                       eval_every=study.eval_every, progress=study.progress,
-                      desc=f"{spec.name} seed {seed}")
-    result = train(model, mix_b.sample, cfg, evaluate=evaluate)
-    curve = [{"step": 0, "b_em": None, "a_em": a_em_before}] + result.evals
+                      desc=f"{spec.name} lr {lr:.0e} seed {seed}")
+    result = train(model, sample, cfg, evaluate=evaluate)
+    start = {"step": 0, "b_em": before[study.task_b]["exact_match"],
+             "b_loss": before[study.task_b]["loss"], "b_tok": before[study.task_b]["token_acc"],
+             **_old_means(before, tasks_a), "tasks": before}
+    curve = [start] + result.evals
     final = result.evals[-1]
 
-    # speed and memory: measured on one more batch, after training (same shapes)
+    mem, step_ms, adapter_bytes, gen, gen_unmerged = {}, float("nan"), 0, float("nan"), None
     x, y = mix_b.sample(study.batch_size)
-    mem = measure_step(model, bk.asarray(x), bk.asarray(y))
-    step_ms = _step_ms(model, x, y)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter_bytes = model.save_adapter(Path(tmp) / "adapter")
-
-    gen_unmerged = _gen_ms_per_token(model, xb_eval, study.gen_tokens) if merge else None
-    if merge:
-        model.merge()
-    gen = _gen_ms_per_token(model, xb_eval, study.gen_tokens)
+    if study.measure_costs:  # speed and memory: measured on one more batch, after training
+        mem = measure_step(model, bk.asarray(x), bk.asarray(y)).as_dict()
+        step_ms = _step_ms(model, x, y)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter_bytes = model.save_adapter(Path(tmp) / "adapter")
+        gen_unmerged = _gen_ms_per_token(model, xb_eval, study.gen_tokens) if merge else None
+        if merge:
+            model.merge()
+        gen = _gen_ms_per_token(model, xb_eval, study.gen_tokens)
+        if merge:
+            model.unmerge()
+    copy_after = copy_outputs(model, *copy_set, study.task_b) if copy_set else None
 
     record = RunRecord(
         method=spec.name, family=spec.family, seed=seed, lr=lr,
         trainable=model.num_parameters(trainable_only=True), total=model.num_parameters(),
-        adapter_bytes=adapter_bytes, memory=mem.as_dict(), step_ms=step_ms,
+        adapter_bytes=adapter_bytes, memory=mem, step_ms=step_ms,
         tokens_per_s=x.size / (step_ms / 1e3), b_em=final["b_em"], b_loss=final["b_loss"],
-        a_em_before=a_em_before, a_em_after=final["a_em"], a_loss_before=a_loss_before,
+        a_em_before=start["a_em"], a_em_after=final["a_em"], a_loss_before=start["a_loss"],
         a_loss_after=final["a_loss"], gen_ms_per_token=gen,
         gen_ms_per_token_unmerged=gen_unmerged,
-        extra_prompt_len=getattr(config, "num_virtual_tokens", 0), mergeable=merge, curve=curve)
-    for point in result.evals:
-        if point["b_em"] >= study.match_em:
-            record.a_em_at_match, record.step_at_match = point["a_em"], point["step"]
-            break
+        extra_prompt_len=getattr(config, "num_virtual_tokens", 0), mergeable=merge, curve=curve,
+        b_tok=final["b_tok"], a_tok_before=start["a_tok"], a_tok_after=final["a_tok"],
+        tasks_before=before, tasks_after=final["tasks"], copy_outputs=copy_after,
+        copy_outputs_before=copy_before, rehearsal=study.rehearsal,
+        train_marker=study.train_marker, match_tok=study.match_tok)
+    # forgetting at matched quality: read along the path where task B crosses match_tok
+    xs = [p["b_tok"] for p in curve]
+    record.a_em_at_match = interpolate_at(xs, [p["a_em"] for p in curve], study.match_tok)
+    record.step_at_match = interpolate_at(xs, [p["step"] for p in curve], study.match_tok)
     return record
 
 
@@ -274,7 +372,10 @@ def sweep_lr(spec: MethodSpec, base_state, base_cfg, study: StudyConfig, length:
     for mult in study.lr_sweep:
         base = GPT(base_cfg)
         base.load_state_dict(base_state)
-        model = get_peft_model(base, spec.build())
+        config = spec.build()
+        if study.train_marker:
+            config = with_marker(config, spec.name, study.task_b)
+        model = get_peft_model(base, config)
         cfg = TrainConfig(steps=study.sweep_steps, batch_size=study.batch_size,
                           lr=spec.lr * mult, progress=False)
         try:
@@ -287,7 +388,7 @@ def sweep_lr(spec: MethodSpec, base_state, base_cfg, study: StudyConfig, length:
 
 
 def run_study(study: StudyConfig, log=print) -> list[RunRecord]:
-    """Run every (method, seed) of ``study`` from one cached base; returns the records."""
+    """Run every (method, lr, seed) of ``study`` from one cached base; returns the records."""
     from minipeft.base import load_base
 
     specs = method_specs()
@@ -303,12 +404,14 @@ def run_study(study: StudyConfig, log=print) -> list[RunRecord]:
     records = []
     for name in study.methods:
         spec = specs[name]
-        lr = sweep_lr(spec, state, base.config, study, length) if study.lr_sweep else spec.lr
-        for seed in study.seeds:
-            t = time.perf_counter()
-            rec = run_one(spec, state, base.config, tasks_a, study, seed, lr, length)
-            records.append(rec)
-            log(f"{name:<12} seed {seed}: task B {rec.b_em:6.1%}  task A {rec.a_em_before:6.1%}"
-                f" -> {rec.a_em_after:6.1%}  trainable {rec.trainable_pct:7.3f}%  "
-                f"lr {lr:.0e}  ({time.perf_counter() - t:.0f} s)")
+        lr0 = sweep_lr(spec, state, base.config, study, length) if study.lr_sweep else spec.lr
+        for lr in (lr0 * m for m in study.lr_mults):
+            for seed in study.seeds:
+                t = time.perf_counter()
+                rec = run_one(spec, state, base.config, tasks_a, study, seed, lr, length)
+                records.append(rec)
+                log(f"{name:<12} lr {lr:.0e} seed {seed}: task B EM {rec.b_em:6.1%} tokens "
+                    f"{rec.b_tok:6.1%}  old tasks {rec.a_em_before:6.1%} -> "
+                    f"{rec.a_em_after:6.1%}  trainable {rec.trainable_pct:7.3f}%  "
+                    f"({time.perf_counter() - t:.0f} s)")
     return records
