@@ -39,7 +39,7 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_params(args) -> int:
-    from minipeft.params import PRESETS, count_parameters, lora_parameter_count
+    from minipeft.params import PRESETS, count_parameters, lora_parameter_count, weight_bytes
 
     names = list(PRESETS) if args.preset == "all" else [args.preset]
     targets = tuple(t for t in args.targets.split(",") if t)
@@ -53,6 +53,13 @@ def _cmd_params(args) -> int:
         print(f"| {spec.name} | {c['total']:,} | {c['embeddings']:,} | {c['attention']:,} | "
               f"{c['mlp']:,} | {c['mlp'] / c['attention']:.2f} | {lora:,} | "
               f"{100 * lora / c['total']:.4f} |")
+    print("\nWeights alone (no activations, gradients or optimizer state), in GB:")
+    print("| model | fp32 | bf16 | NF4 (QLoRA base) |")
+    print("|---|---|---|---|")
+    for name in names:
+        spec = PRESETS[name]
+        gb = [weight_bytes(spec, p) / 1e9 for p in ("fp32", "bf16", "nf4")]
+        print(f"| {spec.name} | {gb[0]:,.2f} | {gb[1]:,.2f} | {gb[2]:,.2f} |")
     return 0
 
 

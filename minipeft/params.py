@@ -11,6 +11,11 @@ so with f = 4d the MLP holds 8 d^2 against attention's 4 d^2: twice as many weig
 
 LoRA of rank r on a (d_out x d_in) matrix trains A (r x d_in) and B (d_out x r):
 r (d_in + d_out) parameters, i.e. 2 d r for a square d x d projection.
+
+Weight memory at a precision (``weight_bytes``): 32 or 16 bits for every parameter, or QLoRA's
+NF4, where the blocks' weight matrices take 4 bits plus their double-quantised constants
+(4 + 8/64 + 32/(64*256) = 4.127 bits, ``minipeft/quant.py``) and embeddings, norms and the head
+stay at 16 bits, as in the QLoRA paper.
 """
 
 from __future__ import annotations
@@ -94,6 +99,21 @@ def lora_parameter_count(spec: ArchSpec, r: int, targets=("q_proj", "v_proj"),
                          f"available: {sorted(mats)}")
     n_layers = spec.n_layer if layers is None else len(list(layers))
     return n_layers * sum(r * (mats[t][0] + mats[t][1]) for t in targets)
+
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)    # codes + 8-bit constants + their 32-bit scales
+
+
+def weight_bytes(spec: ArchSpec, precision: str) -> int:
+    """Bytes of the weights alone at ``precision``: "fp32", "bf16" or "nf4" (QLoRA's base)."""
+    total = count_parameters(spec)["total"]
+    if precision in ("fp32", "bf16"):
+        return total * (4 if precision == "fp32" else 2)
+    if precision != "nf4":
+        raise ValueError(f"weight_bytes: precision must be 'fp32', 'bf16' or 'nf4', "
+                         f"got {precision!r}")
+    quantised = spec.n_layer * sum(o * i for o, i in spec.matrices().values())
+    return round(quantised * NF4_BITS / 8) + 2 * (total - quantised)
 
 
 def with_overrides(spec: ArchSpec, **changes) -> ArchSpec:

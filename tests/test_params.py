@@ -89,3 +89,21 @@ def test_lora_count_is_r_times_in_plus_out():
         lora_parameter_count(spec, 4, ("c_attn",))
     with pytest.raises(ValueError, match="r must be positive"):
         lora_parameter_count(spec, 0)
+
+
+def test_weight_memory_of_llama2_7b_at_32_16_and_4_bits():
+    from minipeft.params import weight_bytes
+
+    spec = PRESETS["llama2-7b"]
+    assert weight_bytes(spec, "fp32") == 4 * 6_738_415_616
+    assert weight_bytes(spec, "bf16") == 2 * 6_738_415_616
+    # by hand: 32 blocks of q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008) in NF4
+    # (4 bits + 8 bits per 64 + 32 bits per 64*256); embeddings, head and norms stay at 16 bits
+    matrices = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    rest = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096
+    assert matrices + rest == 6_738_415_616
+    nf4 = matrices * (4 + 8 / 64 + 32 / 16384) / 8 + 2 * rest
+    assert weight_bytes(spec, "nf4") == pytest.approx(nf4, abs=1)
+    assert 3.8e9 < weight_bytes(spec, "nf4") < 3.9e9          # ~3.9 GB against 27 GB in fp32
+    with pytest.raises(ValueError, match="precision"):
+        weight_bytes(spec, "int3")

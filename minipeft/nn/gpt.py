@@ -24,6 +24,8 @@ from numbers import Integral
 from minipeft import backend as bk
 from minipeft.autograd import Tensor, broadcast_to, concatenate, linear
 from minipeft.autograd import functional as F
+from minipeft.autograd.checkpoint import checkpoint
+from minipeft.autograd.tensor import is_grad_enabled
 from minipeft.nn.attention import SelfAttention
 from minipeft.nn.layers import Dropout, Embedding, LayerNorm, Linear
 from minipeft.nn.module import Module, ModuleList
@@ -42,6 +44,7 @@ class GPTConfig:
     causal: bool = True         # False: bidirectional encoder
     n_classes: int = 0          # > 0 adds cls_head for classify() (encoder use)
     pool: str = "mean"          # classify() pooling: "mean" over tokens or "first" token
+    checkpoint: bool = False    # training keeps each block's input only, recomputes the rest
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -57,6 +60,12 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_classes must be >= 0, got {self.n_classes}")
         if self.pool not in ("mean", "first"):
             raise ValueError(f"GPTConfig.pool must be 'mean' or 'first', got {self.pool!r}")
+        if not isinstance(self.checkpoint, bool):
+            raise TypeError(f"GPTConfig.checkpoint must be True or False, got "
+                            f"{self.checkpoint!r}")
+        if self.checkpoint and self.dropout:
+            raise ValueError("GPTConfig: checkpoint=True needs dropout=0 (the recomputation "
+                             "would draw a new dropout mask and the gradients would be wrong)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,8 +180,14 @@ class GPT(Module):
             h = concatenate([prompt, h], axis=1)                    # (B, P + T, C)
         h = self.drop(h)
         present = []
+        recompute = cfg.checkpoint and self.training and is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, past=None if past is None else past[i], mask=mask)
+            if recompute:                       # keep h only; the block reruns in backward
+                kv_in = () if past is None else tuple(past[i])
+                run = lambda h, *kv, block=block: block(h, past=kv or None, mask=mask)[0]
+                h, kv = checkpoint(run, h, *kv_in, params=block.parameters()), None
+            else:
+                h, kv = block(h, past=None if past is None else past[i], mask=mask)
             present.append(kv)
         h = self.ln_f(h)
         if P:
