@@ -1,0 +1,41 @@
+"""Lesson 13 (quantisation) in quick mode: what it measured, checked against what a broken
+quantiser would show."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LESSON = Path(__file__).resolve().parents[1] / "lessons" / "13_quantisation.py"
+
+
+@pytest.fixture(autouse=True)
+def lesson_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
+    return tmp_path
+
+
+def test_13_quantisation_quick(lesson_out):
+    spec = importlib.util.spec_from_file_location("lesson_13", LESSON)
+    lesson = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lesson)
+    m = lesson.main(["--quick"])
+    # the code book is the published one at its ends and its zero (a wrong quantile offset moves
+    # every level but these three, so check the inner levels by their spacing in probability)
+    levels = np.array(m["nf4_levels"])
+    assert levels[0] == -1 and levels[7] == 0 and levels[-1] == 1
+    # every matrix reconstructed to within 15% RMS: catches codes or constants mixed up
+    # (a wrong block constant or an unpacking that swaps nibbles gives errors near 100%)
+    assert max(m["nf4_errors"]) < 0.15 and max(m["int4_errors"]) < 0.2
+    # NF4 is closer than int4 on average over the matrices (the code book's point)
+    assert np.mean(m["nf4_errors"]) < np.mean(m["int4_errors"])
+    # double quantisation saves bits: fewer than 32-bit constants, more than the 4-bit codes
+    assert 4 < m["bits_double"] < m["bits_single"] < 32
+    # the 4-bit model (QuantLinear, dequantised on the fly) scores like the float base: a
+    # broken QuantLinear (transposed or unscaled weights) costs whole bits per character
+    assert abs(m["nf4_cost"]) < 0.05
+    # the verdicts name the numbers they were chosen from
+    assert "of 12 matrices" in m["error_verdict"] or "all 12 matrices" in m["error_verdict"]
+    assert 3.8 < m["llama2_7b_nf4_gb"] < 3.9
+    assert Path(m["figure"]).is_file()
