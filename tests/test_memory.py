@@ -317,3 +317,20 @@ def test_training_memory_formula():
         training_memory_formula(10, 1, optimizer="lion")
     with pytest.raises(ValueError, match="n_trainable"):
         training_memory_formula(10, 11)
+
+
+def test_the_walk_reads_declarations_not_closures():
+    """A user's own op: the walk counts exactly what it declares (saved=, workspace=), whatever
+    its closure holds, and knows nothing about its name."""
+    a = Tensor(bk.xp.ones((4, 8), dtype=np.float32), requires_grad=True)
+    kept = bk.xp.zeros((16, 16), dtype=np.float32)                 # declared: 1 KiB
+    hidden = bk.xp.zeros((64, 64), dtype=np.float32)                # only in the closure
+
+    def backward(g):
+        _ = hidden
+        return (g * kept.sum(),)
+    out = Tensor._make(a.data * 2, (a,), backward, "my_op", saved=(kept,), workspace=12345)
+    walk = graph_activations(out.sum(), exclude=[a])
+    assert walk["total"] == out.data.nbytes + kept.nbytes
+    assert walk["by_op"]["my_op"] == out.data.nbytes + kept.nbytes
+    assert walk["workspace"] == 12345 and walk["workspace_op"].startswith("my_op")
