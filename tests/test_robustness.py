@@ -1138,3 +1138,24 @@ def test_calls_check_their_arguments_before_any_work():
         with pytest.raises(exc, match=msg):
             call()
         assert_unchanged(before, pm)
+
+
+@pytest.mark.parametrize("kind", ["float64 beyond float32", "complex", "bool"])
+def test_adapter_tensors_that_cannot_become_float32_unchanged_are_refused(saved, tmp_path, kind):
+    # class 4: a float64 of 1e300 used to become inf silently; complex lost its imaginary part
+    folder = _copy(saved[0], tmp_path)
+    tensors, _ = load_tensors(folder / ADAPTER_WEIGHTS)
+    key = "blocks.0.attn.q_proj.B"
+    arr = tensors[key].astype(np.float64)
+    if kind == "complex":
+        tensors[key] = arr.astype(np.complex64) + 1j
+        msg = rf"{key}: dtype complex64 is not a real number"
+    elif kind == "bool":
+        tensors[key] = arr > 0
+        msg = rf"{key}: dtype bool is not a real number"
+    else:
+        arr[0, 0] = 1e300
+        tensors[key] = arr
+        msg = rf"{key}: values up to 1e\+300 exceed the range of float32"
+    _rewrite(folder, tensors=tensors)
+    _refused(folder, msg)
