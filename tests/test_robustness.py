@@ -825,7 +825,7 @@ def test_a_save_cut_at_any_file_operation_leaves_the_old_or_the_new_adapter(tmp_
     """Issue 15, class 5: the folder switches as a whole. Every rename, link and delete a save
     makes is a place where the power may go; after a cut at any of them the folder loads as
     the old adapter or as the new one (never a mix, never nothing), and the next save works."""
-    import minipeft.peft.core as core_mod
+    import minipeft.peft.files as core_mod
     same_config = cut % 2 == 0
     old = randomize(get_peft_model(GPT(CFG), LoraConfig(r=2)), seed=1)
     old.save_adapter(tmp_path / "ad")
