@@ -56,7 +56,8 @@ def _check_config(config, who: str) -> None:
 class PeftModel(Module):
     """A frozen base model plus one or more named adapters of one method."""
 
-    def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0):
+    def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0,
+                 *, _saved: tuple | None = None):
         if isinstance(model, PeftModel):
             raise TypeError("get_peft_model: the model is already a PeftModel; add another "
                             "adapter with add_adapter(name, config)")
@@ -64,7 +65,6 @@ class PeftModel(Module):
             raise TypeError(f"get_peft_model needs a model (a minipeft Module such as GPT), "
                             f"got {type(model).__name__}")
         _check_config(config, "get_peft_model")
-        checks.check_int("get_peft_model: seed", seed, low=0)
         if peft_layers(model):
             raise TypeError("get_peft_model: the model already holds PEFT layers (a base_model "
                             "of a PeftModel?); use that PeftModel's add_adapter")
@@ -73,16 +73,12 @@ class PeftModel(Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._cache = None               # the (path, layer) list; reset by every _transaction
-        before = [(p, p.requires_grad, p.mask) for p in model.parameters()]
-        model.requires_grad_(False)
-        for p in model.parameters():
-            p.mask = None
-        try:
-            self.add_adapter(adapter_name, config, seed)
-        except BaseException:            # a config that does not fit leaves the model as it was
-            for p, flag, mask in before:
-                p.requires_grad, p.mask = flag, mask
-            raise
+        self._check_new(adapter_name, config, seed, "get_peft_model")
+        with self._transaction():        # a config that does not fit leaves the model as it was
+            model.requires_grad_(False)
+            for p in model.parameters():
+                p.mask = None
+            self._add(adapter_name, config, seed, _saved)
 
     @property
     def config(self):
@@ -146,20 +142,31 @@ class PeftModel(Module):
 
     def add_adapter(self, name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter of this model's method and make it the active one."""
-        _check_config(config, "add_adapter")
+        self._check_new(name, config, seed, "add_adapter")
+        with self._transaction():
+            self._add(name, config, seed)
+
+    def _check_new(self, name, config, seed, who: str) -> None:
+        _check_config(config, who)
         self._check_name(name)
-        checks.check_int("add_adapter: seed", seed, low=0)
+        checks.check_int(f"{who}: seed", seed, low=0)
         if name in self.peft_configs:
-            raise ValueError(f"an adapter named {name!r} already exists")
+            raise ValueError(f"an adapter named {name!r} already exists; delete it first")
         if config.method != self.method:
             raise ValueError(f"this model holds {self.method} adapters; cannot add a "
                              f"{config.method} adapter (apply it to a fresh base instead)")
-        self._refuse_if_folded("add_adapter")
-        with self._transaction():
-            config.install(self.base_model, name, seed)
-            self.peft_configs[name] = config
-            self._cache = None
-            self.set_adapter(name)
+        self._refuse_if_folded(who)
+
+    def _add(self, name: str, config: PeftConfig, seed: int, saved=None) -> None:
+        """Install adapter ``name`` and activate it; ``saved`` = (tensors, folder) fills it from
+        a file (built from ``config.loadable()``). Runs inside a ``_transaction``."""
+        (config if saved is None else config.loadable()).install(self.base_model, name, seed)
+        self.peft_configs[name] = config
+        self._cache = None
+        self.set_adapter(name)
+        if saved is not None:
+            self._fill(name, *saved)
+            self.set_adapter(name)         # masks and flags as the file says
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: run the base model)."""
@@ -311,13 +318,9 @@ class PeftModel(Module):
         if cfg.method != self.method:
             raise CheckpointError(f"{folder}: holds a {cfg.method!r} adapter but this "
                                   f"model uses {self.method!r}")
-        if name in self.peft_configs:
-            raise ValueError(f"an adapter named {name!r} already exists; delete it first")
+        self._check_new(name, cfg, seed, "load_adapter")
         with self._transaction():
-            self.add_adapter(name, cfg.loadable(), seed)
-            self.peft_configs[name] = cfg
-            self._fill(name, tensors, folder)
-            self.set_adapter(name)
+            self._add(name, cfg, seed, (tensors, folder))
 
     def _fill(self, name: str, tensors: dict, folder) -> None:
         """Copy saved tensors into adapter ``name``: every layer checks its share first."""
@@ -394,15 +397,4 @@ def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
     """Apply the adapter saved in ``folder`` to a plain base ``model``; the method is read from
     the file. Everything is checked first, so a bad file leaves the model unchanged."""
     config, tensors = read_adapter(folder, model)
-    before = [(p, p.data, p.requires_grad, p.mask) for p in model.parameters()]
-    peft = PeftModel(model, config.loadable(), adapter_name)
-    try:
-        peft.peft_configs[adapter_name] = config
-        peft._fill(adapter_name, tensors, folder)
-        peft.set_adapter(adapter_name)
-    except BaseException:
-        peft.unload()
-        for p, data, flag, mask in before:    # unload freezes all; PiSSA rewrote weights
-            p.data, p.requires_grad, p.mask = data, flag, mask
-        raise
-    return peft
+    return PeftModel(model, config, adapter_name, _saved=(tensors, folder))
