@@ -825,7 +825,7 @@ def test_a_save_cut_at_any_file_operation_leaves_the_old_or_the_new_adapter(tmp_
     """Issue 15, class 5: the folder switches as a whole. Every rename, link and delete a save
     makes is a place where the power may go; after a cut at any of them the folder loads as
     the old adapter or as the new one (never a mix, never nothing), and the next save works."""
-    import minipeft.peft.core as core_mod
+    import minipeft.peft.files as core_mod
     same_config = cut % 2 == 0
     old = randomize(get_peft_model(GPT(CFG), LoraConfig(r=2)), seed=1)
     old.save_adapter(tmp_path / "ad")
@@ -1138,3 +1138,24 @@ def test_calls_check_their_arguments_before_any_work():
         with pytest.raises(exc, match=msg):
             call()
         assert_unchanged(before, pm)
+
+
+@pytest.mark.parametrize("kind", ["float64 beyond float32", "complex", "bool"])
+def test_adapter_tensors_that_cannot_become_float32_unchanged_are_refused(saved, tmp_path, kind):
+    # class 4: a float64 of 1e300 used to become inf silently; complex lost its imaginary part
+    folder = _copy(saved[0], tmp_path)
+    tensors, _ = load_tensors(folder / ADAPTER_WEIGHTS)
+    key = "blocks.0.attn.q_proj.B"
+    arr = tensors[key].astype(np.float64)
+    if kind == "complex":
+        tensors[key] = arr.astype(np.complex64) + 1j
+        msg = rf"{key}: dtype complex64 is not a real number"
+    elif kind == "bool":
+        tensors[key] = arr > 0
+        msg = rf"{key}: dtype bool is not a real number"
+    else:
+        arr[0, 0] = 1e300
+        tensors[key] = arr
+        msg = rf"{key}: values up to 1e\+300 exceed the range of float32"
+    _rewrite(folder, tensors=tensors)
+    _refused(folder, msg)
