@@ -61,6 +61,7 @@ from minipeft.optim import AdamW
 from minipeft.params import PRESETS, count_parameters, lora_parameter_count, spec_from_config
 from minipeft.peft import SelectiveConfig, bitfit, full_finetuning, get_peft_model, last_blocks
 from minipeft.train import TrainConfig, evaluate_lm, train
+from minipeft.verdicts import differs, spread
 
 SEED = 0
 TASK = "sort"                      # not one of the base's skills
@@ -70,6 +71,9 @@ EVAL_EXAMPLES, QUICK_EVAL = 300, 100
 MASK_FRACTION = 0.1
 CALIBRATION_BATCHES = 4            # batches scored for the gradient (Fisher) mask
 TIMING_REPS = 15                   # timed steps per variant, interleaved across variants
+EXTRA_SEEDS = 2                    # more seeds for the runs a verdict compares (full FT and the
+                                   # pair behind "mixed results"): their spread is the noise
+MARGIN = 0.02                      # nats: loss differences smaller than this are never called
 BAND = (0.15, 0.20)                # "15-20% of the weights"
 OUT_NAME = "04_selective.png"
 MiB = 2 ** 20
@@ -350,7 +354,25 @@ def mask_cost(mem: dict, counts: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- summary, figure
-def summary(counts, runs, mem, before, steps) -> dict:
+def reseed(name, specs, base_cfg, state, task_len, eval_xy, steps, batch, seed) -> list:
+    """Held-out losses of variant ``name`` at its chosen lr over EXTRA_SEEDS more seeds (mask
+    or init and batch order change); the first seed's run is not repeated. ``specs[name]`` is
+    (config, unused, lr)."""
+    config = specs[name][0]
+    out = []
+    for s in range(seed + 1, seed + 1 + EXTRA_SEEDS):
+        model = fresh(base_cfg, state, config, s)
+        mix = TaskMixture([TASK], seed=1000 + s, length=task_len)
+        try:
+            train(model, mix.sample, TrainConfig(steps=steps, batch_size=batch,
+                                                 lr=specs[name][2], progress=False))
+            out.append(evaluate_lm(model, *eval_xy)["loss"])
+        except FloatingPointError:
+            out.append(float("inf"))
+    return out
+
+
+def summary(counts, runs, mem, before, steps, seeded=None) -> dict:
     print("\n    Summary (best of the two learning rates by held-out loss):\n")
     print(f"    {'variant':<15} {'trainable':>9} {'lr':>7} {'exact':>7} {'tok acc':>7} "
           f"{'loss':>7} {'grads+opt MiB':>13} {'peak MiB':>8} {'step ms':>8}")
@@ -361,30 +383,43 @@ def summary(counts, runs, mem, before, steps) -> dict:
               f"{(r['gradients'] + r['optimizer']) / MiB:>13.3f} {r['peak'] / MiB:>8.3f} "
               f"{r['fwd_bwd_ms'] + r['update_ms']:>8.1f}")
     best = {n: runs[n]["best"] for n in counts}
-    full = best["full"]["loss"]
-    close = [n for n in best if n != "full" and best[n]["loss"] <= 1.1 * full]
+    seeded = seeded or {}
+    losses = {n: seeded.get(n, [best[n]["loss"]]) for n in best}     # every seed's loss
+    full, full_sd = spread(losses["full"])
+    tol = max(0.1 * full, full_sd)                                    # 10%, or full's own noise
+    close = [n for n in best if n != "full" and spread(losses[n])[0] <= full + tol]
     far = [n for n in best if n != "full" and n not in close]
     top_em = max(b["exact_match"] for b in best.values())
     print(f"\n    measured: after {steps} steps full fine-tuning took the held-out loss from "
-          f"{before['loss']:.3f} to {full:.3f}.\n    Within 10% of full FT's loss, or better: "
+          f"{before['loss']:.3f} to {full:.3f} ± {full_sd:.3f} ({len(losses['full'])} seeds)."
+          f"\n    Within {tol:.3f} of full FT's loss (10% or its seeds' sd), or better: "
           f"{', '.join(close) or 'none'}.\n    Behind: {', '.join(far) or 'none'}.")
     if top_em < 0.5:
         print(f"    Whole strings are still rarely right after {steps} steps (best exact match "
               f"{top_em:.1%}); sort needs more training\n    than this lesson's budget, so the "
               "loss and token accuracy carry the comparison.")
     pct = {n: counts[n]["pct"] for n in best}
-    pairs = [(best[j]["loss"] - best[i]["loss"], i, j) for i in best for j in best
-             if pct[i] < pct[j] and best[i]["loss"] < best[j]["loss"]]
-    if pairs:
-        _, i, j = max(pairs)
-        print(f"    Mixed results: the count does not predict the quality. {i} trains "
-              f"{pct[i]:.1f}% and reached loss {best[i]['loss']:.3f};\n    {j} trains "
-              f"{pct[j]:.1f}% and reached {best[j]['loss']:.3f}. WHICH weights train matters "
-              "more than how many.")
+    pair = seeded.get("_pair")
+    inversion = None
+    if pair:
+        i, j = pair
+        d = differs(losses[i], losses[j], floor=MARGIN)
+        (mi, si), (mj, sj) = spread(losses[i]), spread(losses[j])
+        print(f"    The first seed's largest inversion, over {len(losses[i])} seeds: {i} trains "
+              f"{pct[i]:.1f}% "
+              f"and reached loss {mi:.3f} ± {si:.3f};\n    {j} trains {pct[j]:.1f}% and "
+              f"reached {mj:.3f} ± {sj:.3f} (margin {max(MARGIN, si + sj):.3f}).")
+        if d == "less":
+            inversion = (i, j)
+            print("    Mixed results, beyond the seeds' noise: the count does not predict the "
+                  "quality; WHICH weights train\n    matters more than how many.")
+        else:
+            print("    Within the seeds' noise: this run does not show that fewer parameters "
+                  "can beat more.")
     else:
-        print("    Here more trainable parameters always gave a lower loss.")
+        print("    Here more trainable parameters always gave a lower loss (first seed).")
     return {"close_to_full": close, "far_from_full": far, "best_exact_match": top_em,
-            "inversion": pairs and max(pairs)[1:]}
+            "inversion": inversion, "losses": losses}
 
 
 def save_figure(counts, runs, mem, band, path: Path) -> None:
@@ -478,7 +513,19 @@ def main(argv=None) -> dict:
     x, y = (bk.asarray(a) for a in mix.sample(batch))
     mem = memory_and_time(untrained, x, y, TIMING_REPS)
     cost = mask_cost(mem, counts)
-    verdict = summary(counts, runs, mem, before, steps)
+    best = {n: r["best"] for n, r in runs.items()}
+    pct = {n: counts[n]["pct"] for n in best}
+    pairs = [(best[j]["loss"] - best[i]["loss"], i, j) for i in best for j in best
+             if pct[i] < pct[j] and best[i]["loss"] < best[j]["loss"]]
+    chosen = {n: (specs[n][0], None, best[n]["lr"]) for n in best}
+    again = ["full"] + ([n for n in max(pairs)[1:] if n != "full"] if pairs else [])
+    print(f"\n    More seeds ({EXTRA_SEEDS}) for the runs the verdicts compare: "
+          f"{', '.join(again)}, each at its chosen lr")
+    seeded = {n: [best[n]["loss"]] + reseed(n, chosen, base.config, state, info["length"],
+                                            eval_xy, steps, batch, args.seed) for n in again}
+    if pairs:
+        seeded["_pair"] = max(pairs)[1:]
+    verdict = summary(counts, runs, mem, before, steps, seeded)
 
     out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,51 @@ def test_records_are_internally_consistent(tour_run):
         assert rec.adapter_bytes > 0 and rec.step_ms > 0 and rec.gen_ms_per_token > 0
         if rec.method == "full":
             assert rec.trainable == rec.total
-        if rec.a_em_at_match is not None:
-            point = next(p for p in rec.curve[1:] if p["step"] == rec.step_at_match)
-            assert point["a_em"] == rec.a_em_at_match
+        # forgetting at matched quality, recomputed here by a second route: walk the path to
+        # the first evaluation at or above the level and interpolate from the one before it
+        level, pts = rec.match_tok, rec.curve
+        hit = next((i for i, p in enumerate(pts) if p["b_tok"] >= level), None)
+        if hit is None:
+            assert rec.a_em_at_match is None
+        elif hit == 0:
+            assert rec.a_em_at_match == pts[0]["a_em"]
+        else:
+            p, q = pts[hit - 1], pts[hit]
+            w = (level - p["b_tok"]) / (q["b_tok"] - p["b_tok"])
+            assert rec.a_em_at_match == pytest.approx(p["a_em"] + w * (q["a_em"] - p["a_em"]))
+            assert p["step"] <= rec.step_at_match <= q["step"]
+        # every evaluation scored task B and each old task
+        assert all(set(p["tasks"]) == set(rec.tasks_before) for p in rec.curve)
+
+
+def test_rehearsal_mixes_the_asked_fraction_of_old_rows():
+    """Counted from the rows' first token (the task marker), not from the sampler's own draw."""
+    from minipeft.data import STOI
+    from minipeft.experiment import rehearsal_sampler
+
+    mix_b = TaskMixture(["shift"], seed=1, length=4)
+    mix_a = TaskMixture(["copy", "reverse"], seed=2, length=4)
+    for fraction in (0.0, 0.1, 0.5):
+        sample = rehearsal_sampler(mix_b, mix_a, fraction, seed=0)
+        xs = [sample(64)[0] for _ in range(40)]
+        assert all(x.shape[0] == 64 for x in xs)
+        old = sum(int((x[:, 0] != STOI["<shift>"]).sum()) for x in xs) / (64 * 40)
+        assert abs(old - fraction) < 0.03, (fraction, old)
+
+
+def test_copy_outputs_agree_with_the_token_accuracy(tmp_path_factory, monkeypatch):
+    """On <copy> rows, 'copied' is the copy task's answer-token accuracy scored by the separate
+    scoring path."""
+    from minipeft.base import load_base
+
+    monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    from minipeft.experiment import copy_outputs, score
+
+    base, info = load_base("quick", progress=False)
+    x, y = TaskMixture(["copy"], seed=0, length=info["length"]).eval_set("copy", 64)
+    c = copy_outputs(base, x, y, "shift")
+    assert c["copied"] == pytest.approx(score(base, x, y)["token_acc"])
+    assert c["copied"] + c["shifted"] + c["other"] == pytest.approx(1.0)
 
 
 def test_unknown_method_is_refused_before_any_work(tmp_path, monkeypatch):
