@@ -22,6 +22,7 @@ from minipeft.peft.prefix import (
     collapse_prefix,
 )
 from minipeft.peft.prompt import PromptEncoder, PromptTuningConfig, SoftPrompt
+from minipeft.peft.qlora import QLoraConfig, QLoRALinear
 from minipeft.peft.selective import (
     Selection,
     SelectiveConfig,
@@ -41,4 +42,5 @@ __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_
            "AdapterConfig", "AdapterLayer", "Bottleneck", "IA3Config", "IA3Linear", "IA3Vector",
            "PromptTuningConfig", "PromptEncoder", "SoftPrompt", "PrefixTuningConfig",
            "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
-           "neighbour_purity", "random_baseline"]
+           "neighbour_purity", "random_baseline",
+           "QLoraConfig", "QLoRALinear"]
