@@ -10,6 +10,7 @@ method is its file plus its import line below (importing it registers its config
 from minipeft.peft.adapters import AdapterConfig, AdapterLayer, Bottleneck
 from minipeft.peft.config import PeftConfig
 from minipeft.peft.core import PeftModel, get_peft_model, load_peft_model, read_adapter
+from minipeft.peft.dora import DoraConfig, DoRALinear
 from minipeft.peft.ia3 import IA3Config, IA3Linear, IA3Vector
 from minipeft.peft.layer import MergedAdapterError, PeftLayer
 from minipeft.peft.lora import LoraConfig, LoRAEmbedding, LoRAFactors, LoRALinear
@@ -43,4 +44,4 @@ __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_
            "PromptTuningConfig", "PromptEncoder", "SoftPrompt", "PrefixTuningConfig",
            "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
            "neighbour_purity", "random_baseline",
-           "QLoraConfig", "QLoRALinear"]
+           "QLoraConfig", "QLoRALinear", "DoraConfig", "DoRALinear"]
