@@ -34,6 +34,7 @@ from minipeft.peft.selective import (
 )
 from minipeft.peft.softprompt_analysis import nearest_tokens, neighbour_purity, random_baseline
 from minipeft.peft.tokens import TrainableTokens
+from minipeft.peft.vera import VeraConfig, VeRALinear
 
 __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_model",
            "read_adapter", "MergedAdapterError", "TrainableTokens", "Selection",
@@ -44,4 +45,5 @@ __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_
            "PromptTuningConfig", "PromptEncoder", "SoftPrompt", "PrefixTuningConfig",
            "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
            "neighbour_purity", "random_baseline",
-           "QLoraConfig", "QLoRALinear", "DoraConfig", "DoRALinear"]
+           "QLoraConfig", "QLoRALinear", "DoraConfig", "DoRALinear",
+           "VeraConfig", "VeRALinear"]
