@@ -13,6 +13,7 @@ from minipeft.peft.core import PeftModel, get_peft_model, load_peft_model, read_
 from minipeft.peft.dora import DoraConfig, DoRALinear
 from minipeft.peft.ia3 import IA3Config, IA3Linear, IA3Vector
 from minipeft.peft.layer import MergedAdapterError, PeftLayer
+from minipeft.peft.llama_adapter import AdaptedAttention, LlamaAdapterConfig
 from minipeft.peft.lokr import LoKrConfig, LoKrLinear
 from minipeft.peft.lora import LoraConfig, LoRAEmbedding, LoRAFactors, LoRALinear
 from minipeft.peft.lora_merge import add_weighted_adapter
@@ -47,4 +48,5 @@ __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_
            "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
            "neighbour_purity", "random_baseline",
            "QLoraConfig", "QLoRALinear", "DoraConfig", "DoRALinear",
-           "VeraConfig", "VeRALinear", "LoKrConfig", "LoKrLinear"]
+           "VeraConfig", "VeRALinear", "LoKrConfig", "LoKrLinear",
+           "LlamaAdapterConfig", "AdaptedAttention"]
