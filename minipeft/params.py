@@ -10,7 +10,8 @@ Per layer, with width d and MLP width f:
 so with f = 4d the MLP holds 8 d^2 against attention's 4 d^2: twice as many weights.
 
 LoRA of rank r on a (d_out x d_in) matrix trains A (r x d_in) and B (d_out x r):
-r (d_in + d_out) parameters, i.e. 2 d r for a square d x d projection.
+r (d_in + d_out) parameters, i.e. 2 d r for a square d x d projection. VeRA trains r + d_out
+(two vectors; its random pair is shared and frozen).
 
 Weight memory at a precision (``weight_bytes``): 32 or 16 bits for every parameter, or QLoRA's
 NF4, where the blocks' weight matrices take 4 bits plus their double-quantised constants
@@ -99,6 +100,22 @@ def lora_parameter_count(spec: ArchSpec, r: int, targets=("q_proj", "v_proj"),
                          f"available: {sorted(mats)}")
     n_layers = spec.n_layer if layers is None else len(list(layers))
     return n_layers * sum(r * (mats[t][0] + mats[t][1]) for t in targets)
+
+
+def vera_parameter_count(spec: ArchSpec, r: int, targets=("q_proj", "v_proj"),
+                         layers=None) -> int:
+    """Trainable parameters of VeRA (``peft/vera.py``) with shared rank ``r``: per adapted
+    (out x in) matrix the vectors d (r) and b (out), r + out numbers; the shared random pair
+    is frozen and regenerated from a seed, so it is neither trained nor saved."""
+    if r <= 0:
+        raise ValueError(f"vera_parameter_count: r must be positive, got {r}")
+    mats = spec.matrices()
+    unknown = [t for t in targets if t not in mats]
+    if unknown:
+        raise ValueError(f"vera_parameter_count: unknown targets {unknown}; "
+                         f"available: {sorted(mats)}")
+    n_layers = spec.n_layer if layers is None else len(list(layers))
+    return n_layers * sum(r + mats[t][0] for t in targets)
 
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)    # codes + 8-bit constants + their 32-bit scales

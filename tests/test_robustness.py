@@ -712,9 +712,11 @@ def test_an_adapter_of_another_method_is_refused(saved, tmp_path):
     _rewrite(folder, meta={**meta, "method": "prompt"})
     _refused(folder, r"holds no valid prompt config: PromptTuningConfig: unknown fields "
                      r"\['alpha', 'dropout'")
-    _rewrite(folder, meta={**meta, "method": "dora"})
-    _refused(folder, r"unknown PEFT method 'dora'; known: \['adapter', 'ia3', 'lora', 'prefix', "
-                     r"'prompt', 'selective'\]")
+    _rewrite(folder, meta={**meta, "method": "oft"})             # a method not built here
+    from minipeft.peft.config import CONFIG_CLASSES
+    known = sorted(CONFIG_CLASSES)
+    assert {"adapter", "ia3", "lora", "prefix", "prompt", "selective"} <= set(known)
+    _refused(folder, r"unknown PEFT method 'oft'; known: " + re.escape(str(known)))
     _rewrite(folder, meta={**meta, "method": ["lora"]})
     _refused(folder, r"unknown PEFT method \['lora'\]")
 

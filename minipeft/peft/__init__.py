@@ -11,8 +11,11 @@ method is its file plus its import line below (importing it registers its config
 from minipeft.peft.adapters import AdapterConfig, AdapterLayer, Bottleneck
 from minipeft.peft.config import PeftConfig
 from minipeft.peft.core import PeftModel, get_peft_model, load_peft_model, read_adapter
+from minipeft.peft.dora import DoraConfig, DoRALinear
 from minipeft.peft.ia3 import IA3Config, IA3Linear, IA3Vector
 from minipeft.peft.layer import MergedAdapterError, PeftLayer
+from minipeft.peft.llama_adapter import AdaptedAttention, LlamaAdapterConfig
+from minipeft.peft.lokr import LoKrConfig, LoKrLinear
 from minipeft.peft.lora import LoraConfig, LoRAEmbedding, LoRAFactors, LoRALinear
 from minipeft.peft.lora_merge import add_weighted_adapter
 from minipeft.peft.prefix import (
@@ -23,6 +26,7 @@ from minipeft.peft.prefix import (
     collapse_prefix,
 )
 from minipeft.peft.prompt import PromptEncoder, PromptTuningConfig, SoftPrompt
+from minipeft.peft.qlora import QLoraConfig, QLoRALinear
 from minipeft.peft.selective import (
     Selection,
     SelectiveConfig,
@@ -33,6 +37,7 @@ from minipeft.peft.selective import (
 )
 from minipeft.peft.softprompt_analysis import nearest_tokens, neighbour_purity, random_baseline
 from minipeft.peft.tokens import TrainableTokens
+from minipeft.peft.vera import VeraConfig, VeRALinear
 
 __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_model",
            "read_adapter", "MergedAdapterError", "TrainableTokens", "Selection",
@@ -42,4 +47,7 @@ __all__ = ["PeftConfig", "PeftLayer", "PeftModel", "get_peft_model", "load_peft_
            "AdapterConfig", "AdapterLayer", "Bottleneck", "IA3Config", "IA3Linear", "IA3Vector",
            "PromptTuningConfig", "PromptEncoder", "SoftPrompt", "PrefixTuningConfig",
            "PrefixEncoder", "PrefixTable", "PrefixMLP", "collapse_prefix", "nearest_tokens",
-           "neighbour_purity", "random_baseline"]
+           "neighbour_purity", "random_baseline",
+           "QLoraConfig", "QLoRALinear", "DoraConfig", "DoRALinear",
+           "VeraConfig", "VeRALinear", "LoKrConfig", "LoKrLinear",
+           "LlamaAdapterConfig", "AdaptedAttention"]

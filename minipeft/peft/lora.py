@@ -74,8 +74,14 @@ from minipeft.nn.module import Module, Parameter
 from minipeft.peft import targets
 from minipeft.peft.config import PeftConfig
 from minipeft.peft.layer import PeftLayer, restores, row_adapters
+from minipeft.quant import QuantLinear
 
 INITS = ("kaiming", "gaussian", "pissa")
+
+
+class BaseKindError(ValueError):
+    """A LoRA adapter aimed at a 4-bit base module (or a QLoRA adapter at a float one): the
+    adapter would compute with weights it was not trained on."""
 
 
 @dataclass(frozen=True)
@@ -114,13 +120,26 @@ class LoraConfig(PeftConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     # ---------------------------------------------------------------- which modules
+    _kind_hint = "a 4-bit base takes QLoraConfig (minipeft.peft.qlora)"
+
+    def _kinds(self):
+        """(the module kind adapted, the layer class wrapping it, the kind refused by name)."""
+        return Linear, LoRALinear, QuantLinear
+
     def select(self, model) -> list[tuple[str, Module]]:
         """(real path, module) of the modules this config adapts, in model order. Raises
         ValueError when a target matches nothing or the choice is empty; changes nothing."""
         chosen = []
         if self.target_modules:
-            chosen += targets.select(model, "LoraConfig", self.target_modules, (Linear,),
-                                     self.layers, owner=LoRALinear)
+            kind, layer_class, other = self._kinds()
+            wrong = [lg for lg, _, m in targets.walk(model) if isinstance(m, other)
+                     and any(targets.matches(t, lg) for t in self.target_modules)]
+            if wrong:
+                raise BaseKindError(f"{type(self).__name__}: {wrong[0]} is a "
+                                    f"{other.__name__}, not a {kind.__name__}: "
+                                    f"{self._kind_hint}; the model was left unchanged")
+            chosen += targets.select(model, type(self).__name__, self.target_modules, (kind,),
+                                     self.layers, owner=layer_class, kind_name=kind.__name__)
         if self.target_embedding:
             chosen += targets.select(model, "LoraConfig", ("tok_emb",), (Embedding,),
                                      owner=LoRAEmbedding, kind_name="Embedding")
@@ -144,7 +163,7 @@ class LoraConfig(PeftConfig):
         rng = bk.host_rng(seed)
         for p, m in mods:
             if not isinstance(m, _LoRALayer):
-                m = LoRAEmbedding(m) if isinstance(m, Embedding) else LoRALinear(m)
+                m = LoRAEmbedding(m) if isinstance(m, Embedding) else self._kinds()[1](m)
                 model.set_submodule(p, m)
             m.add_adapter(name, self, rng)
         return [p for p, _ in mods]
