@@ -15,7 +15,10 @@ float on top; the 4-bit code is designed for weights that look normally distribu
      cut to 0.127 bit by double quantisation (the constants themselves in 8 bits): 4.127 bits.
   4. The quality. The quantised base's held-out loss, beside the float base's, per window,
      with the windows' spread as the margin.
-  5. At scale: the weights of real models at 32, 16 and 4 bits (``minipeft params``).
+  5. QLoRA against LoRA: the same LoRA (r = 8 on every linear of the blocks), the same steps,
+     learning rate and seeds, trained on Python code once over the float base and once over the
+     4-bit one. Does the 4-bit base cost quality, and what does it save?
+  6. At scale: the weights of real models at 32, 16 and 4 bits (``minipeft params``).
 
 The library: ``minipeft/quant.py`` (code book, block-wise absmax, packing, double quantisation,
 ``QuantLinear``), tested against the published NF4 levels in ``tests/test_quant.py``.
@@ -42,18 +45,26 @@ from minipeft.base import base_domains, load_base
 from minipeft.nn import GPT
 from minipeft.nn.layers import Linear
 from minipeft.params import PRESETS, weight_bytes
+from minipeft.peft import LoraConfig, get_peft_model
+from minipeft.peft.qlora import QLoraConfig
 from minipeft.quant import (
     NF4Weight,
+    QuantLinear,
     dequantize_blockwise,
     int4_levels,
     nf4_levels,
     quantize_blockwise,
     quantize_model,
 )
+from minipeft.train import TrainConfig, train
+from minipeft.verdicts import spread
 
 BASE, QUICK_BASE = "shakespeare", "shakespeare_quick"
 BLOCK = 64                    # the paper's block; the quick base (width 48) uses 16
 EVAL_WINDOWS, QUICK_EVAL = 64, 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
+FT = dict(steps=100, batch_size=12, lr=1e-2, seeds=(0, 1, 2))           # LoRA r=8 on code
+QUICK_FT = dict(steps=30, batch_size=8, lr=1e-2, seeds=(0, 1))
 SE_MARGIN = 2.0               # a difference counts when it exceeds 2 standard errors
 OUT_NAME = "13_quantisation.png"
 
@@ -75,6 +86,17 @@ def window_bits(model, ev) -> np.ndarray:
     nats = -np.take_along_axis(logp, y[..., None], -1)[..., 0].sum(1)  # (N,) nats per window
     chars_per_window = ev.chars / y.shape[0]
     return nats / chars_per_window / np.log(2)
+
+
+def block_weight_bytes(model) -> int:
+    """Bytes of the frozen weight matrices in the blocks: float arrays, or NF4 codes + constants."""
+    total = 0
+    for path, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            total += m.qweight.nbytes()
+        elif isinstance(m, Linear) and path.startswith("blocks."):
+            total += m.weight.data.nbytes
+    return total
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -196,8 +218,53 @@ def main(argv=None) -> dict:
     out.update(bits={k: float(v.mean()) for k, v in bits.items()}, quality_verdict=q_verdict,
                nf4_cost=d_nf4, nf4_cost_se=se_nf4, int4_minus_nf4=gap, int4_minus_nf4_se=gap_se)
 
-    # 5. at scale -----------------------------------------------------------------------
-    print("\n5. The weights of real models (weights alone), GB:")
+    # 5. QLoRA against LoRA, same budget -----------------------------------------------
+    ft = QUICK_FT if args.quick else FT
+    ev_code = code.eval_set(windows, T)
+    before = window_bits(base, ev_code)
+    print(f"\n5. LoRA r=8 on {', '.join(TARGETS)}, {ft['steps']} steps of code (batch "
+          f"{ft['batch_size']}, lr {ft['lr']:g}), seeds {list(ft['seeds'])}; held-out code, "
+          f"bits per character (the base: {before.mean():.3f}):")
+    finals = {"LoRA": [], "QLoRA": []}
+    frozen = {}
+    for seed in ft["seeds"]:
+        for name in ("LoRA", "QLoRA"):
+            model = GPT(base.config)
+            model.load_state_dict(base.state_dict())
+            if name == "QLoRA":
+                quantize_model(model, block=block)
+                config = QLoraConfig(r=8, alpha=16, target_modules=TARGETS)
+            else:
+                config = LoraConfig(r=8, alpha=16, target_modules=TARGETS)
+            frozen[name] = block_weight_bytes(model)
+            peft = get_peft_model(model, config, seed=seed)
+            train(peft, code.sampler(T, seed), TrainConfig(
+                steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],
+                warmup=ft["steps"] // 10, progress=False))
+            finals[name].append(float(window_bits(peft, ev_code).mean()))
+    (ml, sl), (mq, sq) = spread(finals["LoRA"]), spread(finals["QLoRA"])
+    for name, (mean, sd) in (("LoRA", (ml, sl)), ("QLoRA", (mq, sq))):
+        print(f"   {name:<6} {mean:.3f} ± {sd:.3f} bits/char (sd over seeds; per seed "
+              f"{', '.join(f'{v:.3f}' for v in finals[name])})")
+    margin = sl + sq
+    if mq - ml > margin:
+        ql_verdict = (f"QLoRA ended {mq - ml:.3f} bits/char above LoRA, more than the seeds' "
+                      f"spread ({margin:.3f}): the 4-bit base cost quality here")
+    elif ml - mq > margin:
+        ql_verdict = (f"QLoRA ended {ml - mq:.3f} bits/char below LoRA, beyond the seeds' "
+                      f"spread ({margin:.3f})")
+    else:
+        ql_verdict = (f"QLoRA and LoRA ended {mq - ml:+.3f} bits/char apart, within the seeds' "
+                      f"spread ({margin:.3f}): no difference measured (the paper found 4-bit QLoRA "
+                      "matching 16-bit LoRA)")
+    print(f"   -> {ql_verdict}")
+    print(f"   frozen block weights held in memory: float32 {frozen['LoRA']:,} bytes, NF4 "
+          f"{frozen['QLoRA']:,} bytes ({frozen['LoRA'] / frozen['QLoRA']:.1f}x smaller)")
+    out.update(qlora=finals["QLoRA"], lora=finals["LoRA"], code_before=float(before.mean()),
+               qlora_verdict=ql_verdict, frozen_bytes=frozen)
+
+    # 6. at scale -----------------------------------------------------------------------
+    print("\n6. The weights of real models (weights alone), GB:")
     print("   model          fp32      bf16      NF4")
     for key in ("gpt2-124m", "llama2-7b", "gpt3-175b"):
         spec = PRESETS[key]

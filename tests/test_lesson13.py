@@ -35,6 +35,12 @@ def test_13_quantisation_quick(lesson_out):
     # the 4-bit model (QuantLinear, dequantised on the fly) scores like the float base: a
     # broken QuantLinear (transposed or unscaled weights) costs whole bits per character
     assert abs(m["nf4_cost"]) < 0.05
+    # QLoRA learned code as LoRA did (a QLoRA whose factors never reach the output would stay
+    # at the base's loss; one that trained on a wrongly dequantised base would end far apart)
+    ql, lo = np.mean(m["qlora"]), np.mean(m["lora"])
+    assert ql < m["code_before"] - 0.2 and lo < m["code_before"] - 0.2
+    assert abs(ql - lo) < 0.1
+    assert m["frozen_bytes"]["QLoRA"] < m["frozen_bytes"]["LoRA"] / 5
     # the verdicts name the numbers they were chosen from
     assert "of 12 matrices" in m["error_verdict"] or "all 12 matrices" in m["error_verdict"]
     assert 3.8 < m["llama2_7b_nf4_gb"] < 3.9
