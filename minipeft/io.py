@@ -81,7 +81,9 @@ def _decode(raw: bytes, path) -> dict:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise ValueError(f"the header entry for {name!r} is not a JSON object")
+        dtype = entry.get("dtype")
         if dtype == "BF16":
             bf16.append(name)
         elif dtype not in SUPPORTED_DTYPES:

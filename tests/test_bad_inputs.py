@@ -18,6 +18,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minipeft import backend as bk
 from minipeft.autograd import no_grad
@@ -85,6 +87,32 @@ def test_train_config_names_each_bad_field(kwargs, exc, msg):
     # *after* step 0 was applied, min_lr_ratio=NaN by turning every weight NaN
     with pytest.raises(exc, match=msg):
         TrainConfig(**kwargs)
+
+
+INT_FIELDS = {"steps": 0, "batch_size": 1, "warmup": 0, "eval_every": 0, "log_every": 1,
+              "checkpoint_every": 0}                       # field -> smallest allowed value
+FLOAT_FIELDS = ("lr", "weight_decay", "min_lr_ratio", "grad_clip")
+_not_a_number = st.sampled_from(["1", None, True, [1], float("nan"), float("inf")])
+
+
+@settings(max_examples=25, deadline=None)
+@given(field=st.sampled_from(sorted(INT_FIELDS)),
+       value=st.one_of(st.floats(allow_nan=True).filter(lambda v: not float(v).is_integer()
+                                                        if math.isfinite(v) else True),
+                       st.integers(max_value=-1), _not_a_number))
+def test_any_bad_integer_field_of_train_config_is_named(field, value):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= INT_FIELDS[field]:
+        return
+    with pytest.raises((TypeError, ValueError), match=f"TrainConfig.{field} "):
+        TrainConfig(**{field: value})
+
+
+@settings(max_examples=25, deadline=None)
+@given(field=st.sampled_from(FLOAT_FIELDS),
+       value=st.one_of(st.floats(max_value=-1e-12), _not_a_number))
+def test_any_bad_float_field_of_train_config_is_named(field, value):
+    with pytest.raises((TypeError, ValueError), match=f"TrainConfig.{field} "):
+        TrainConfig(**{field: value})
 
 
 # ============================================================================ class 6: batches
