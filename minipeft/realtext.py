@@ -237,6 +237,15 @@ def verdicts(runs, origin: dict, reference: str = "full") -> list[dict]:
                "forgot": statistics.mean(own) if own else None, "forgot_spread": spread(own),
                "full_forgot": statistics.mean(ref) if ref else None,
                "full_spread": spread(ref), "verdict": "-"}
+        # the same reading halfway from the base to the matched level: paths need not be
+        # straight, so the ordering can differ along the way (no verdict drawn from it)
+        half = (origin["b"] + level) / 2
+        own_h = [a_at_b(r.path, half) for r in rs]
+        ref_h = [a_at_b(r.path, half) for r in groups[reference]]
+        own_h = [v - origin["a"] for v in own_h if v is not None]
+        ref_h = [v - origin["a"] for v in ref_h if v is not None]
+        row.update(half_level=half, forgot_half=statistics.mean(own_h) if own_h else None,
+                   full_forgot_half=statistics.mean(ref_h) if ref_h else None)
         if final_b[method] > origin["b"] - LEARNED_MIN:
             row["verdict"] = "learned no code"
         elif method != reference and (len(own) < 2 or len(ref) < 2):
