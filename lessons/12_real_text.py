@@ -125,17 +125,26 @@ def main(argv=None) -> dict:
                   f"fine-tuning's code gain ({gained[r['method']]:.3f} vs {gained['full']:.3f} "
                   f"bits/char); plays loss at the end {lost[r['method']]:+.3f} vs "
                   f"{lost['full']:+.3f} bits/char")
-    spreads = [r["forgot_spread"] for r in rows if r["forgot"] is not None]
+    spreads = [s for r in rows if r["forgot"] is not None
+               for s in (r["forgot_spread"], r["full_spread"])]
     print(f"  seeds' spread of the forgetting at matched code loss: up to "
-          f"{max(spreads):.3f} bits/char; full fine-tuning forgot {full['forgot']:+.3f} there")
+          f"{max(spreads):.3f} bits/char; full fine-tuning forgot {full['forgot']:+.3f} at its "
+          "own final code loss")
+    print("  halfway from the base to each matched level, the Shakespeare increase was:")
+    for r in rows:
+        if r["method"] != "full" and None not in (r["forgot_half"], r["full_forgot_half"]):
+            who = "full fine-tuning" if r["full_forgot_half"] < r["forgot_half"] else r["method"]
+            print(f"    code {r['half_level']:.2f}: {r['method']} {r['forgot_half']:+.3f}, full "
+                  f"fine-tuning {r['full_forgot_half']:+.3f} bits/char (lower: {who})")
 
     path = out_dir() / "12_real_text.png"
     rt.plot_paths(runs, origin, path, title="Shakespeare base learning Python: paths "
                   f"(mean of {len(cfg.seeds)} seeds)")
     print(f"saved {path}")
     print("\nWhat to take away: read forgetting where the methods have learned the same amount "
-          "(the table's matched level), not at the end; the star is where every adapter returns "
-          "when switched off, which no full fine-tune can do.")
+          "(the table's matched level), not at the end, and look at the whole path: which method "
+          "forgets less can change along the way (the halfway lines above). The star is where "
+          "every adapter returns when switched off, which no full fine-tune can do.")
     return {"info": info, "runs": runs, "origin": origin, "rows": rows, "verdict": verdict,
             "figure": str(path), "final": {m: statistics.mean(r.path[-1]["b"] for r in runs
                                                             if r.method == m)

@@ -7,14 +7,23 @@ keyed by its recipe and seed, so the next lesson loads it in milliseconds.
 
     model, info = load_base()              # the default base (pretrains on first use)
     model, info = load_base("quick")       # a tiny one for smoke tests, ready in seconds
-    model, info = load_base("text")        # a character-level GPT for your own text files
+    model, info = load_base("text")        # a character-level GPT on the synthetic language
+    model, info = load_base("shakespeare") # real text: 34 plays in BPE (minipeft.data.domains)
 
-The "text" base is the one exception to task A: a character-level GPT over a fixed vocabulary
+The "shakespeare" base (and its tiny twin "shakespeare_quick") learns real English: the
+training plays of :mod:`minipeft.data.corpus` in the byte-level BPE of
+:mod:`minipeft.data.domains`; ``info`` holds its held-out losses on plays and code in nats per
+token, nats and bits per character, the unigram baseline, three samples and the fraction of
+their words found in the plays. It is what ``minipeft finetune --text FILE`` and the real-text
+study (:mod:`minipeft.realtext`) adapt. Measured once (seed 0, 2500 steps, 1.07 M parameters):
+held-out plays 1.509 nats/char (unigram baseline 2.270), 84% of sampled words in the corpus;
+372 s of CPU time on one core of a loaded machine.
+
+The "text" base is the other exception to task A: a character-level GPT over a fixed vocabulary
 (``CharTokenizer.ascii()``: newline, printable ASCII, one unknown id), pretrained on the
 synthetic language of ``minipeft.data.language`` written out as plain sentences. It is what
-``minipeft finetune --text FILE`` adapts. It knows only that language's lowercase words,
-capitals at sentence starts, spaces, full stops and newlines; every other character it has
-only learnt not to predict, so expect a high loss on real text before fine-tuning.
+``minipeft finetune --text FILE`` adapted before the Shakespeare base. It knows only that
+language's lowercase words, capitals at sentence starts, spaces, full stops and newlines.
 """
 
 from __future__ import annotations

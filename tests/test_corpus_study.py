@@ -130,6 +130,9 @@ def test_verdicts_need_a_difference_larger_than_the_seed_spread():
     assert rows["lora"]["forgot"] == pytest.approx(0.23)
     assert rows["lora"]["full_forgot"] == pytest.approx(0.62)
     assert rows["lora"]["verdict"] == "forgets less"            # 0.39 > spread 0.06
+    assert rows["lora"]["half_level"] == 5.5                     # halfway from the base
+    assert rows["lora"]["forgot_half"] == pytest.approx(0.115)   # (0.10 + 0.13) / 2
+    assert rows["lora"]["full_forgot_half"] == pytest.approx(0.31)
     assert rows["ia3"]["verdict"] == "comparable"               # 0.02 < spread 0.20
     assert rows["prompt"]["verdict"] == "learned no code"
     sentence = rt.overall_verdict(list(rows.values()))
