@@ -154,7 +154,8 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
         print(f"    {name:<9} {setting:<22} {formula:>9,} {n:>9,} {n / lora_n - 1:>+8.1%} "
               f"{n / total:>8.2%}  {where}")
     print(f"    (formulas: LoRA r(in+out) per matrix; adapter 2Cm+m+C each, 2 per block for "
-          f"Houlsby; IA3 6C per block.\n     The base has {total:,} parameters.)")
+          f"Houlsby plus its two layer norms (4C); IA3 6C per block.\n     The base has "
+          f"{total:,} parameters.)")
     counts["_wraps"] = wraps
     return counts
 
