@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 import statistics
 from pathlib import Path
@@ -352,7 +353,7 @@ def main(argv=None) -> dict:
                                  log=lambda s: None)
     conditions = {}
     for (m, lr, reh, marker), rs in groups(records).items():
-        if lr == best[m]:
+        if math.isclose(lr, best[m], rel_tol=1e-9):   # lr0 * (lr / lr0) may differ by an ulp
             conditions[label(m, reh, marker)] = rs
     rows = summary_rows(conditions)
     first = grid[0]
