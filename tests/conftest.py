@@ -110,3 +110,10 @@ def interrupt_save(monkeypatch):
         "rename": lambda: monkeypatch.setattr(io_mod.os, "replace", power_cut),
     }
     return lambda where: points[where]()
+
+
+@pytest.fixture(scope="session")
+def shared_quick_cache(tmp_path_factory):
+    """One clean base-model cache for the whole session (every lesson smoke test, in any
+    file): the quick base pretrains once."""
+    return tmp_path_factory.mktemp("minipeft_cache")

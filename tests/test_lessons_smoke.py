@@ -89,12 +89,6 @@ def test_02_tiny_transformer(lesson_out, tmp_path, monkeypatch):
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-@pytest.fixture(scope="session")
-def shared_quick_cache(tmp_path_factory) -> Path:
-    """One clean base-model cache for the whole session: the quick base pretrains once."""
-    return tmp_path_factory.mktemp("minipeft_cache")
-
-
 def test_03_full_finetuning_memory(lesson_out):
     m = run_lesson("03_full_finetuning_memory", "--quick", "--seed", "0")
     grid = m["grid"]
