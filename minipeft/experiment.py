@@ -54,6 +54,26 @@ class MethodSpec:
     family: str      # selective / reparameterisation / additive
     lr: float        # default learning rate (per method: PEFT usually needs 10-100x full FT's)
     build: object    # () -> PeftConfig
+    prepare: object = None   # model -> None, run on the fresh base before wrapping (QLoRA: NF4)
+
+    def wrap(self, model, config=None, seed: int = 0):
+        """``model`` (a fresh copy of the base) prepared and wrapped with this method."""
+        from minipeft.peft import get_peft_model
+
+        if self.prepare is not None:
+            self.prepare(model)
+        return get_peft_model(model, self.build() if config is None else config, seed=seed)
+
+
+CLASSIC_METHODS = ("full", "last1", "bitfit", "mask10", "lora_r1_qv", "lora_r8_qv",
+                   "lora_r8_all", "houlsby", "pfeiffer", "prompt16", "prefix8", "ia3")
+
+
+def _quantize(model) -> None:
+    """QLoRA's base: every Linear in the blocks to NF4 (block 64, or 16 for narrow models)."""
+    from minipeft.quant import quantize_model
+
+    quantize_model(model, block=64 if model.config.n_embd % 64 == 0 else 16)
 
 
 def method_specs() -> dict[str, MethodSpec]:
@@ -90,6 +110,19 @@ def method_specs() -> dict[str, MethodSpec]:
         MethodSpec("prefix8", "additive", 1e-2,
                    lambda: P.PrefixTuningConfig(num_virtual_tokens=8)),
         MethodSpec("ia3", "additive", 1e-1, P.IA3Config),
+        # LoRA's descendants (lesson 14 compares them at LoRA r=8's budget; these rates are
+        # lesson 14's: one probe for DoRA and LoKr, IA3's for VeRA, soft prompts' for
+        # LLaMA-Adapter)
+        MethodSpec("qlora_r8_qv", "reparameterisation", 1e-2,
+                   lambda: P.QLoraConfig(r=8, alpha=16), prepare=_quantize),
+        MethodSpec("dora_r8_qv", "reparameterisation", 1e-2,
+                   lambda: P.DoraConfig(r=8, alpha=16)),
+        MethodSpec("vera_r16_all", "reparameterisation", 1e-1,
+                   lambda: P.VeraConfig(r=16, target_modules=(
+                       "q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"))),
+        MethodSpec("lokr_r4_qv", "reparameterisation", 1e-2, lambda: P.LoKrConfig(r=4, alpha=4)),
+        MethodSpec("llama_adapter", "additive", 3e-2,
+                   lambda: P.LlamaAdapterConfig(adapter_len=10, adapter_layers=1)),
     ]
     return {s.name: s for s in specs}
 
@@ -98,7 +131,7 @@ def method_specs() -> dict[str, MethodSpec]:
 class StudyConfig:
     base: str = "default"            # which cached base model (see minipeft.base)
     task_b: str = "shift"            # the new task (see minipeft.data.tasks)
-    methods: tuple = tuple(method_specs())
+    methods: tuple = CLASSIC_METHODS  # the four families; LoRA's descendants by name
     seeds: tuple = (0,)
     steps: int = 400                 # same token budget for every method
     batch_size: int = 64
@@ -256,7 +289,6 @@ def run_one(spec: MethodSpec, base_state: dict, base_cfg, tasks_a, study: StudyC
             seed: int, lr: float, length: int = 8) -> RunRecord:
     """Fine-tune a fresh copy of the base with one method and measure everything."""
     from minipeft.memory import measure_step
-    from minipeft.peft import get_peft_model
 
     base = GPT(base_cfg)
     base.load_state_dict(base_state)
@@ -272,7 +304,7 @@ def run_one(spec: MethodSpec, base_state: dict, base_cfg, tasks_a, study: StudyC
     config = spec.build()
     if study.train_marker:
         config = with_marker(config, spec.name, study.task_b)
-    model = get_peft_model(base, config, seed=seed)
+    model = spec.wrap(base, config, seed=seed)
     merge = getattr(config, "mergeable", False)
 
     def evaluate(m):
@@ -364,7 +396,6 @@ def _gen_ms_per_token(model, x_eval, new_tokens: int, repeats: int = 5) -> float
 
 def sweep_lr(spec: MethodSpec, base_state, base_cfg, study: StudyConfig, length: int) -> float:
     """Pick the lr multiplier with the lowest task-B eval loss after ``sweep_steps`` steps."""
-    from minipeft.peft import get_peft_model
 
     mix_b = TaskMixture([study.task_b], seed=999, length=length)
     xb, yb = mix_b.eval_set(study.task_b, study.eval_examples)
@@ -375,7 +406,7 @@ def sweep_lr(spec: MethodSpec, base_state, base_cfg, study: StudyConfig, length:
         config = spec.build()
         if study.train_marker:
             config = with_marker(config, spec.name, study.task_b)
-        model = get_peft_model(base, config)
+        model = spec.wrap(base, config)
         cfg = TrainConfig(steps=study.sweep_steps, batch_size=study.batch_size,
                           lr=spec.lr * mult, progress=False)
         try:

@@ -134,12 +134,11 @@ def run_method(method: str, seed: int, lr: float, base, code, eval_b, eval_a,
                cfg: RealTextConfig, T: int, marks=None) -> RealTextRun:
     """Continue training a fresh copy of ``base`` on code with ``method``; the path, evaluated
     at step 0 and at ``marks`` (default: :func:`log_steps`)."""
-    from minipeft.peft import get_peft_model
 
     spec = method_specs()[method]
     fresh = GPT(base.config)
     fresh.load_state_dict(base.state_dict())
-    model = get_peft_model(fresh, spec.build(), seed=seed)
+    model = spec.wrap(fresh, seed=seed)
     marks = set(log_steps(cfg.steps) if marks is None else marks)
     path = [{"step": 0, **evaluate_domains(model, eval_b, eval_a)}]
 

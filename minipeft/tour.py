@@ -151,12 +151,11 @@ def _adapt(args, base_kind: str, sample, x_eval, y_eval, desc: str, **train_kw):
     """What both finetune paths share: wrap the base with ``args.method``, score the held-out
     set, train, score it again. Returns (model, scores before, scores after, lr)."""
     from minipeft.base import load_base
-    from minipeft.peft import get_peft_model
     from minipeft.train import TrainConfig, evaluate_lm, train
 
     spec = method_specs()[FINETUNE_METHODS[args.method]]
     base, _ = load_base(base_kind, seed=0)
-    model = get_peft_model(base, spec.build(), seed=args.seed)
+    model = spec.wrap(base, seed=args.seed)
     model.print_trainable_parameters()
     before = evaluate_lm(model, x_eval, y_eval)
     lr = args.lr or spec.lr
