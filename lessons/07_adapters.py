@@ -10,8 +10,10 @@ It trains 2Cm + m + C numbers per adapter. W_up and b_up start at ZERO, so at st
 adds exactly 0 and the adapted model *is* the base model (W_down stays random: were it zero too,
 no gradient could ever reach either matrix). Where the adapters go is a design choice:
 
-    houlsby    after the attention output AND after the MLP      (2 adapters per block)
-    pfeiffer   after the MLP only (Pfeiffer et al. 2021)          (1 per block)
+    houlsby    after the attention output AND after the MLP      (2 adapters per block, and
+               the block's layer norms train too, as in Houlsby et al.: 4C more per block)
+    pfeiffer   once per block, reading the stream after the MLP's residual add (Pfeiffer et
+               al. 2021; AdapterHub's SeqBnConfig): x2 + adapter(x2)          (1 per block)
     parallel   beside the MLP, reading its input (He et al. 2022): mlp(x) + adapter(x)
 
 LoRA (lesson 05) adds a branch too, y = W0 x + s B A x, but its branch is *linear*: B A is one
@@ -91,9 +93,11 @@ OUT_NAME = "07_adapters.png"
 
 # --------------------------------------------------------------------------- (a) matching
 def adapter_count(C: int, n_layer: int, m: int, placement: str) -> int:
-    """Trainable numbers of bottleneck-m adapters: 2Cm + m + C each, 2 per block for Houlsby."""
+    """Trainable numbers of bottleneck-m adapters: 2Cm + m + C each, 2 per block for Houlsby,
+    plus Houlsby's two trained layer norms (4C per block)."""
     per_block = 2 if placement == "houlsby" else 1
-    return n_layer * per_block * (2 * C * m + m + C)
+    norms = 4 * C if placement == "houlsby" else 0
+    return n_layer * (per_block * (2 * C * m + m + C) + norms)
 
 
 def matched_bottleneck(C: int, n_layer: int, target: int, placement: str) -> int:
@@ -141,15 +145,17 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
             setting = f"m={config.bottleneck}"
             formula = adapter_count(C, L, config.bottleneck, config.placement)
             paths = [p for p, mod in m.base_model.named_modules()
-                     if isinstance(mod, AdapterLayer) and p.startswith("blocks.0.")]
-            wraps[name] = {p.replace("blocks.0.", "") for p in paths}    # found on the model
+                     if isinstance(mod, AdapterLayer) and f"{p}.".startswith("blocks.0.")]
+            wraps[name] = {"the block" if p == "blocks.0" else p.replace("blocks.0.", "")
+                           for p in paths}                              # found on the model
             where = ", ".join(sorted(wraps[name]))
             where = ("wraps " if config.placement != "parallel" else "beside ") + where
         counts[name] = n
         print(f"    {name:<9} {setting:<22} {formula:>9,} {n:>9,} {n / lora_n - 1:>+8.1%} "
               f"{n / total:>8.2%}  {where}")
     print(f"    (formulas: LoRA r(in+out) per matrix; adapter 2Cm+m+C each, 2 per block for "
-          f"Houlsby; IA3 6C per block.\n     The base has {total:,} parameters.)")
+          f"Houlsby plus its two layer norms (4C); IA3 6C per block.\n     The base has "
+          f"{total:,} parameters.)")
     counts["_wraps"] = wraps
     return counts
 
@@ -414,9 +420,10 @@ def main(argv=None) -> dict:
     learned = {n: r["final"]["token_acc"] - r["before"]["token_acc"] for n, r in runs.items()}
     print("\nVerdicts (measured here):")
     # Row 7 is about structure: held when the adapter layers found on each model sit where
-    # the claim says (after attention's output projection and after the MLP) and each model
+    # the claim says (after attention's output projection and after the MLP; Pfeiffer on the
+    # block's output, after the feed-forward residual add) and each model
     # starts as the base model exactly.
-    expect = {"houlsby": {"attn.o_proj", "mlp.fc_out"}, "pfeiffer": {"mlp.fc_out"}}
+    expect = {"houlsby": {"attn.o_proj", "mlp.fc_out"}, "pfeiffer": {"the block"}}
     placed = all(wraps.get(n) == w for n, w in expect.items()) and bool(wraps.get("parallel"))
     start0 = all(step0[n] == 0.0 for n in PLACEMENTS)
     print(f"  Row 7 'adapters add trainable layers inside the blocks, after attention or after "

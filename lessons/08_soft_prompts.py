@@ -6,8 +6,10 @@ front of the input's embeddings and trains only them:
     h0 = [P ; tok_emb(ids) + pos_emb(0..T-1)]      (B, n + T, C)    model frozen
 
 The virtual tokens get no position embedding and the real tokens keep the positions they had in
-pretraining. Unlike LoRA or an adapter, step 0 is NOT the base model: the real tokens now attend
-to n extra vectors. The init decides how natural they look: "random" (uniform in each
+pretraining (a choice: Hugging Face PEFT on GPT-2 shifts them to n..n+T-1, which would move every
+real token onto a position embedding this small base rarely saw, and spend n of the positions
+the input could use). Unlike LoRA or an adapter, step 0 is NOT the base model: the real tokens
+now attend to n extra vectors. The init decides how natural they look: "random" (uniform in each
 embedding dimension's range), "vocab" (copies of n sampled token embeddings) or "text" (the
 embeddings of chosen words, e.g. the task's name).
 

@@ -100,7 +100,7 @@ def test_adapter_at_init_equals_base_on_this_backend(backend):
 def test_sequential_adapter_computes_its_formula(backend, activation):
     rng = np.random.default_rng(0)
     lin = Linear(6, 5, rng=bk.host_rng(1))
-    layer = AdapterLayer(lin, parallel=False)
+    layer = AdapterLayer(lin, "output")
     layer.adapters.a = Bottleneck(5, 3, activation, 1.0, bk.host_rng(2), np.float32)
     layer.active = "a"
     ad = layer.adapters.a
@@ -191,8 +191,8 @@ def test_adapter_gradients_through_the_whole_model(float64):
     pm = get_peft_model(GPT(cfg, seed=0), AdapterConfig(bottleneck=2, activation="gelu"))
     randomize(pm, seed=3)
     ids = ids_for(cfg, B=2, T=4)
-    params = pm.trainable_parameters()
-    assert len(params) == 8 and all(p.dtype == np.float64 for p in params)
+    params = pm.trainable_parameters()            # 2 adapters x 4 + 2 layer norms x 2 (Houlsby)
+    assert len(params) == 12 and all(p.dtype == np.float64 for p in params)
     gradcheck(lambda *ps: pm(ids), params)
 
 
@@ -230,9 +230,9 @@ def test_placements_put_adapters_where_documented():
 
     m = GPT(TINY)
     get_peft_model(m, AdapterConfig(bottleneck=2, placement="pfeiffer", layers=(1,)))
-    assert _types(m, 1) == {"attn.o_proj": "Linear", "mlp": "MLP"}
-    assert isinstance(m.get_submodule("blocks.1.mlp.fc_out"), AdapterLayer)
-    assert isinstance(m.get_submodule("blocks.0.mlp.fc_out"), Linear)      # layers=(1,)
+    assert isinstance(m.blocks[1], AdapterLayer) and m.blocks[1].reads == "block"
+    assert _types(m, "1.base") == {"attn.o_proj": "Linear", "mlp": "MLP"}
+    assert type(m.blocks[0]).__name__ == "Block"                            # layers=(1,)
 
     m = GPT(TINY)
     get_peft_model(m, AdapterConfig(bottleneck=2, placement="parallel"))
@@ -242,9 +242,14 @@ def test_placements_put_adapters_where_documented():
 
 
 def test_parameter_count_is_2Cm_plus_m_plus_C_per_adapter():
-    pm = get_peft_model(GPT(TINY), AdapterConfig(bottleneck=4))
-    C, m = 16, 4
-    assert pm.num_parameters(trainable_only=True) == 2 * TINY.n_layer * (2 * C * m + m + C)
+    C, m, L = 16, 4, TINY.n_layer
+    pm = get_peft_model(GPT(TINY), AdapterConfig(bottleneck=4))         # + 2 layer norms
+    assert pm.num_parameters(trainable_only=True) == 2 * L * (2 * C * m + m + C) + L * 4 * C
+    pm = get_peft_model(GPT(TINY), AdapterConfig(bottleneck=4, layer_norms=False))
+    assert pm.num_parameters(trainable_only=True) == 2 * L * (2 * C * m + m + C)
+    for placement in ("pfeiffer", "parallel"):
+        pm = get_peft_model(GPT(TINY), AdapterConfig(bottleneck=4, placement=placement))
+        assert pm.num_parameters(trainable_only=True) == L * (2 * C * m + m + C)
     pm = get_peft_model(GPT(TINY), IA3Config())
     assert pm.num_parameters(trainable_only=True) == TINY.n_layer * 6 * C
 
@@ -272,8 +277,9 @@ def test_several_named_adapters_switch_and_mix_placements():
     randomize(pm, seed=1)
     out_a = host(pm(ids).data)
     pm.add_adapter("b", AdapterConfig(bottleneck=3, placement="pfeiffer"), seed=5)
-    # pfeiffer's fc_out now sits inside the parallel wrapper of the same MLP
-    assert isinstance(base.get_submodule("blocks.0.mlp.base.fc_out"), AdapterLayer)
+    # pfeiffer wraps the whole block, around the parallel wrapper of its MLP
+    assert isinstance(base.get_submodule("blocks.0"), AdapterLayer)
+    assert isinstance(base.get_submodule("blocks.0.base.mlp"), AdapterLayer)
     np.testing.assert_array_equal(host(pm(ids).data), ref)   # b is active and at its init
     randomize(pm, seed=2)                                     # only b trains, so only b changes
     out_b = host(pm(ids).data)
@@ -385,3 +391,56 @@ def test_each_method_beats_its_step0_loss(pretrained, method):
     train(pm, data.sample, TrainConfig(steps=30, batch_size=16, lr=lr, warmup=0, progress=False))
     after = evaluate_lm(pm, x, y)["loss"]
     assert after < before - 0.1, (before, after)
+
+
+# --------------------------------------------------------------------------- the papers' maths
+def test_pfeiffer_reads_the_stream_after_the_feed_forward_residual_add(backend):
+    """Pfeiffer et al. / AdapterHub SeqBnConfig: out = x2 + A(x2), x2 = x1 + mlp(ln_2(x1)).
+    The fault caught: the adapter reading the raw MLP output f (out = x2 + A(f)), Houlsby's
+    feed-forward adapter alone, which this placement computed before."""
+    cfg = GPTConfig(vocab_size=20, block_size=12, n_layer=1, n_head=2, n_embd=16)
+    plain, ids = GPT(cfg, seed=2), ids_for(cfg)
+    pm = get_peft_model(GPT(cfg, seed=2), AdapterConfig(bottleneck=4, placement="pfeiffer"))
+    randomize(pm, seed=5)
+    ad = pm.base_model.blocks[0].adapters.default
+    Wd, bd = host(ad.down.weight.data), host(ad.down.bias.data)
+    Wu, bu = host(ad.up.weight.data), host(ad.up.bias.data)
+
+    def A(h):                                                        # (B, T, C) by hand
+        return np.maximum(h @ Wd.T + bd, 0) @ Wu.T + bu
+
+    blk = plain.blocks[0]
+    h = plain.tok_emb(ids) + plain.pos_emb(bk.xp.arange(ids.shape[1]))
+    x1 = h + blk.attn(blk.ln_1(h))[0]
+    f = blk.mlp(blk.ln_2(x1))
+    x2 = host((x1 + f).data)
+    W = host(plain.tok_emb.weight.data)
+
+    def head(out):                                                   # ln_f, tied head
+        return host(plain.ln_f(Tensor(bk.asarray(out.astype(np.float32)))).data) @ W.T
+
+    got = host(pm(ids).data)
+    np.testing.assert_allclose(got, head(x2 + A(x2)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, head(x2 + A(host(f.data))), atol=1e-3)
+
+
+def test_houlsby_trains_the_layer_norms_as_its_own_copies():
+    """Houlsby et al. train the layer norms too: counted, starting as the base's (step 0 is
+    the base), moving in training while the base's own norms stay frozen and bit-identical,
+    and off with layer_norms=False."""
+    base = GPT(TINY, seed=0)
+    ln = {n: (p, host(p.data).copy()) for n, p in base.named_parameters() if ".ln_" in n}
+    pm = get_peft_model(base, AdapterConfig(bottleneck=2))
+    names = {n for n, p in pm.named_parameters() if p.requires_grad and ".ln_" in n}
+    assert len(names) == 4 * TINY.n_layer                            # ln_1, ln_2: w, b
+    rng = np.random.default_rng(0)
+    batch = lambda B: (rng.integers(0, 20, (B, 8)), rng.integers(0, 20, (B, 8)))
+    train(pm, batch, TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup=0, progress=False))
+    params = dict(pm.named_parameters())
+    assert all(not np.array_equal(host(params[n].data), ln[n.replace(
+        ".adapters.default", "").replace("base_model.", "")][1]) for n in names)
+    for n, (p, old) in ln.items():
+        np.testing.assert_array_equal(host(p.data), old, err_msg=n)
+        assert not p.requires_grad
+    off = get_peft_model(GPT(TINY), AdapterConfig(bottleneck=2, layer_norms=False))
+    assert not any(".ln_" in n for n, p in off.named_parameters() if p.requires_grad)

@@ -336,3 +336,20 @@ def test_random_baseline_is_reproducible_and_below_one_on_an_unstructured_embedd
     assert base == random_baseline(E, n=20, k=5, seeds=(0, 1, 2), tokenizer=tok)
     assert len(base["purities"]) == 3
     assert 0 < base["min"] <= base["mean"] <= base["max"] < 1.0
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_real_tokens_read_positions_0_to_T_minus_1_never_the_shifted_ones(method):
+    """The documented choice (``virtual_tokens.py``): real tokens keep positions 0..T-1. Poison
+    every position row from T on: the logits do not change. Under the other convention
+    (Hugging Face PEFT on GPT-2: real tokens at n..n+T-1) they would read the poisoned rows."""
+    base = GPT(TINY, seed=3)
+    cfg = PromptTuningConfig(num_virtual_tokens=3) if method == "prompt" else \
+        PrefixTuningConfig(num_virtual_tokens=3)
+    pm = get_peft_model(base, cfg)
+    ids = bk.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 5)))
+    want = host(pm(ids).data)
+    w = host(base.pos_emb.weight.data).copy()
+    w[5:] = 1e6                                                     # positions 5.. poisoned
+    base.pos_emb.weight.data = bk.asarray(w)
+    np.testing.assert_array_equal(host(pm(ids).data), want)

@@ -3,6 +3,7 @@
 The house: ``layer.py`` (the interface every PEFT layer implements), ``config.py`` (what every
 config shares, and the method registry), ``targets.py`` (which modules a config names),
 ``core.py`` (PeftModel: apply, switch, save, load, merge, through the interface only),
+``files.py`` (an adapter folder on disk: written as a whole, read with every check),
 ``tokens.py`` (trainable token rows, an option of every config), and one file per method. A new
 method is its file plus its import line below (importing it registers its config).
 """

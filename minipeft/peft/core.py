@@ -19,24 +19,27 @@ the call fails, whatever the method.
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from minipeft import backend as bk
 from minipeft import checks
 from minipeft.autograd import Tensor
-from minipeft.io import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from minipeft.io import CheckpointError, save_json, save_tensors
 from minipeft.nn.module import Module
 from minipeft.peft.config import CONFIG_CLASSES, PeftConfig
+from minipeft.peft.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    read_adapter,
+    read_adapter_config,
+    save_folder,
+)
 from minipeft.peft.layer import MergedAdapterError, PeftLayer, rows_using
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CONFIG_CLASSES", "PeftConfig", "PeftLayer",
            "PeftModel", "MergedAdapterError", "get_peft_model", "load_peft_model", "peft_layers",
-           "read_adapter"]
+           "read_adapter", "read_adapter_config"]
 
 
 def peft_layers(model: Module):
@@ -53,7 +56,8 @@ def _check_config(config, who: str) -> None:
 class PeftModel(Module):
     """A frozen base model plus one or more named adapters of one method."""
 
-    def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0):
+    def __init__(self, model, config: PeftConfig, adapter_name: str = "default", seed: int = 0,
+                 *, _saved: tuple | None = None):
         if isinstance(model, PeftModel):
             raise TypeError("get_peft_model: the model is already a PeftModel; add another "
                             "adapter with add_adapter(name, config)")
@@ -61,7 +65,6 @@ class PeftModel(Module):
             raise TypeError(f"get_peft_model needs a model (a minipeft Module such as GPT), "
                             f"got {type(model).__name__}")
         _check_config(config, "get_peft_model")
-        checks.check_int("get_peft_model: seed", seed, low=0)
         if peft_layers(model):
             raise TypeError("get_peft_model: the model already holds PEFT layers (a base_model "
                             "of a PeftModel?); use that PeftModel's add_adapter")
@@ -70,16 +73,12 @@ class PeftModel(Module):
         self.peft_configs: dict[str, PeftConfig] = {}
         self.active_adapter: str | None = None
         self._cache = None               # the (path, layer) list; reset by every _transaction
-        before = [(p, p.requires_grad, p.mask) for p in model.parameters()]
-        model.requires_grad_(False)
-        for p in model.parameters():
-            p.mask = None
-        try:
-            self.add_adapter(adapter_name, config, seed)
-        except BaseException:            # a config that does not fit leaves the model as it was
-            for p, flag, mask in before:
-                p.requires_grad, p.mask = flag, mask
-            raise
+        self._check_new(adapter_name, config, seed, "get_peft_model")
+        with self._transaction():        # a config that does not fit leaves the model as it was
+            model.requires_grad_(False)
+            for p in model.parameters():
+                p.mask = None
+            self._add(adapter_name, config, seed, _saved)
 
     @property
     def config(self):
@@ -143,20 +142,31 @@ class PeftModel(Module):
 
     def add_adapter(self, name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter of this model's method and make it the active one."""
-        _check_config(config, "add_adapter")
+        self._check_new(name, config, seed, "add_adapter")
+        with self._transaction():
+            self._add(name, config, seed)
+
+    def _check_new(self, name, config, seed, who: str) -> None:
+        _check_config(config, who)
         self._check_name(name)
-        checks.check_int("add_adapter: seed", seed, low=0)
+        checks.check_int(f"{who}: seed", seed, low=0)
         if name in self.peft_configs:
-            raise ValueError(f"an adapter named {name!r} already exists")
+            raise ValueError(f"an adapter named {name!r} already exists; delete it first")
         if config.method != self.method:
             raise ValueError(f"this model holds {self.method} adapters; cannot add a "
                              f"{config.method} adapter (apply it to a fresh base instead)")
-        self._refuse_if_folded("add_adapter")
-        with self._transaction():
-            config.install(self.base_model, name, seed)
-            self.peft_configs[name] = config
-            self._cache = None
-            self.set_adapter(name)
+        self._refuse_if_folded(who)
+
+    def _add(self, name: str, config: PeftConfig, seed: int, saved=None) -> None:
+        """Install adapter ``name`` and activate it; ``saved`` = (tensors, folder) fills it from
+        a file (built from ``config.loadable()``). Runs inside a ``_transaction``."""
+        (config if saved is None else config.loadable()).install(self.base_model, name, seed)
+        self.peft_configs[name] = config
+        self._cache = None
+        self.set_adapter(name)
+        if saved is not None:
+            self._fill(name, *saved)
+            self.set_adapter(name)         # masks and flags as the file says
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: run the base model)."""
@@ -308,13 +318,9 @@ class PeftModel(Module):
         if cfg.method != self.method:
             raise CheckpointError(f"{folder}: holds a {cfg.method!r} adapter but this "
                                   f"model uses {self.method!r}")
-        if name in self.peft_configs:
-            raise ValueError(f"an adapter named {name!r} already exists; delete it first")
+        self._check_new(name, cfg, seed, "load_adapter")
         with self._transaction():
-            self.add_adapter(name, cfg.loadable(), seed)
-            self.peft_configs[name] = cfg
-            self._fill(name, tensors, folder)
-            self.set_adapter(name)
+            self._add(name, cfg, seed, (tensors, folder))
 
     def _fill(self, name: str, tensors: dict, folder) -> None:
         """Copy saved tensors into adapter ``name``: every layer checks its share first."""
@@ -387,115 +393,8 @@ def get_peft_model(model, config: PeftConfig, adapter_name: str = "default",
     return PeftModel(model, config, adapter_name, seed)
 
 
-# ============================================================================ files
-def _siblings(folder: Path) -> tuple[Path, Path, Path]:
-    """Where a save of ``folder`` writes (new), what it commits (ready) and the old copy."""
-    return tuple(folder.parent / f".{folder.name}.{s}" for s in ("new", "ready", "old"))
-
-
-def save_folder(folder, write) -> int:
-    """Replace ``folder`` as a whole by what ``write(tmp_folder)`` writes; returns its result.
-
-    1. write every file into ``.NAME.new`` (a kill here leaves the old folder untouched);
-    2. rename it to ``.NAME.ready`` (the commit: it is complete);
-    3. move the old folder aside to ``.NAME.old``, and ``.NAME.ready`` into place;
-    4. delete the old copy.
-    A kill between the renames of step 3 leaves no ``NAME`` but a complete ``.NAME.ready``,
-    which ``read_adapter`` loads (and the next save finishes). Other plain files in the old
-    folder (a tokenizer, notes) are carried over by hard links.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save_adapter: {folder} is a file, not a folder")
-    if folder.is_dir():
-        sub = [p.name for p in folder.iterdir() if not p.is_file() or p.is_symlink()]
-        if sub:
-            raise ValueError(f"save_adapter: {folder} holds folders or links ({sub[:3]}); an "
-                             "adapter folder is replaced as a whole, so give it one of its own")
-    new, ready, old = _siblings(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if not folder.exists() and ready.is_dir():       # finish a save cut in step 3
-        os.rename(ready, folder)
-    for stale in (new, ready, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    new.mkdir()
-    try:
-        result = write(new)
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if not (new / p.name).exists():
-                    os.link(p, new / p.name)
-        os.rename(new, ready)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(ready, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return result
-
-
-def _source(folder: Path) -> Path:
-    """The folder to read: ``folder``, or the complete new copy a cut save left beside it."""
-    ready = _siblings(folder)[1]
-    return ready if not folder.exists() and ready.is_dir() else folder
-
-
-def read_adapter_config(folder) -> dict:
-    """The JSON config of a saved adapter (method, config, base config)."""
-    return load_json(_source(Path(folder)) / ADAPTER_CONFIG)
-
-
-def read_adapter(folder, model) -> tuple[PeftConfig, dict]:
-    """Read and check a saved adapter: (its config, name -> host array). Raises
-    CheckpointError for a missing, corrupted, foreign or mismatched file."""
-    folder = Path(folder)
-    src = _source(folder)
-    meta = load_json(src / ADAPTER_CONFIG)
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
-            not isinstance(meta.get("base_config", {}), dict):
-        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is not an adapter config (a JSON "
-                              "object with 'method', 'config' and 'base_config')")
-    tensors, file_meta = load_tensors(src / ADAPTER_WEIGHTS)
-    if file_meta != meta:
-        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} does not match the weights file")
-    base_cfg = meta.get("base_config", {})
-    if base_cfg != model.config.to_dict():
-        diff = {k: (v, base_cfg.get(k)) for k, v in model.config.to_dict().items()
-                if base_cfg.get(k) != v}
-        raise CheckpointError(f"{folder}: adapter was trained on another base model; "
-                              f"differences (this base, adapter's base): {diff}")
-    method = meta.get("method")
-    if not isinstance(method, str) or method not in CONFIG_CLASSES:
-        raise CheckpointError(f"{folder}: unknown PEFT method {method!r}; known: "
-                              f"{sorted(CONFIG_CLASSES)}")
-    try:
-        config = CONFIG_CLASSES[method].from_dict(meta["config"])
-    except (TypeError, ValueError) as exc:       # unknown fields, or values the config refuses
-        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} holds no valid {method} config: "
-                              f"{exc}") from None
-    bad = sorted(k for k, v in tensors.items()
-                 if v.dtype.kind in "fc" and not bool(bk.np.isfinite(v).all()))
-    if bad:
-        raise CheckpointError(f"{folder}: tensors {bad} hold NaN or inf values")
-    return config, tensors
-
-
 def load_peft_model(model, folder, adapter_name: str = "default") -> PeftModel:
     """Apply the adapter saved in ``folder`` to a plain base ``model``; the method is read from
     the file. Everything is checked first, so a bad file leaves the model unchanged."""
     config, tensors = read_adapter(folder, model)
-    before = [(p, p.data, p.requires_grad, p.mask) for p in model.parameters()]
-    peft = PeftModel(model, config.loadable(), adapter_name)
-    try:
-        peft.peft_configs[adapter_name] = config
-        peft._fill(adapter_name, tensors, folder)
-        peft.set_adapter(adapter_name)
-    except BaseException:
-        peft.unload()
-        for p, data, flag, mask in before:    # unload freezes all; PiSSA rewrote weights
-            p.data, p.requires_grad, p.mask = data, flag, mask
-        raise
-    return peft
+    return PeftModel(model, config, adapter_name, _saved=(tensors, folder))

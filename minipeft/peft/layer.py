@@ -152,8 +152,7 @@ class PeftLayer(Module):
         missing = [k for k in own if k not in arrays]
         problems = [f"{k}: expected {own[k].shape}, file {tuple(v.shape)}"
                     for k, v in arrays.items() if tuple(v.shape) != own[k].shape]
-        problems += [f"{k}: dtype {v.dtype} is not a real number" for k, v in arrays.items()
-                     if v.dtype.kind not in "fiu"]
+        problems += [p for k, v in arrays.items() for p in value_problems(k, v, own[k].dtype)]
         return missing, problems
 
     def load_state(self, name: str, arrays: dict) -> None:
@@ -204,3 +203,15 @@ class PeftLayer(Module):
         """Add model inputs before the forward pass (when ``adds_inputs``); default: none."""
         return kwargs
 
+
+def value_problems(key: str, arr, dtype) -> list[str]:
+    """Why a saved array cannot become a tensor of ``dtype`` unchanged: not a real number
+    (complex, bool, strings), or finite values beyond the range of ``dtype`` (a float64 of
+    1e300 would become inf in float32). Integers are exact and accepted."""
+    if arr.dtype.kind not in "fiu":
+        return [f"{key}: dtype {arr.dtype} is not a real number"]
+    if arr.dtype.kind == "f" and arr.size:
+        top = float(bk.np.abs(arr).max())
+        if top > float(bk.np.finfo(dtype).max):
+            return [f"{key}: values up to {top:.3g} exceed the range of {bk.np.dtype(dtype)}"]
+    return []

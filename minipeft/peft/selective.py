@@ -33,7 +33,7 @@ from minipeft import checks
 from minipeft.nn.module import Module
 from minipeft.peft import targets
 from minipeft.peft.config import PeftConfig
-from minipeft.peft.layer import PeftLayer
+from minipeft.peft.layer import PeftLayer, value_problems
 from minipeft.peft.targets import layer_of
 
 COMPONENTS = ("attention", "mlp", "norms", "embeddings", "head")
@@ -267,11 +267,13 @@ class Selection(PeftLayer):
             if full is not None and idx is None and values is None:
                 if tuple(full.shape) != p.shape:
                     problems.append(f"{n}: expected {p.shape}, file {tuple(full.shape)}")
+                problems += value_problems(n, full, p.dtype)
             elif full is None and idx is not None and values is not None:
                 if idx.dtype.kind not in "iu" or idx.ndim != 1 or values.shape != idx.shape or \
                         (idx.size and (idx.min() < 0 or idx.max() >= p.size)) or \
                         len(bk.np.unique(idx)) != idx.size:
                     problems.append(f"{n}: sparse indices/values do not fit shape {p.shape}")
+                problems += value_problems(f"{n}::values", values, p.dtype)
             elif full is None and idx is None and values is None:
                 missing.append(n)
             else:

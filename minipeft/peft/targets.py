@@ -118,7 +118,10 @@ def select(model, who: str, targets, kinds, layers=None, owner=None,
     blocks = in_range(f"{who}.layers", layers, model.config.n_layer)
     cands, seen = [], set()
     for logical, real, m in walk(model):
-        if logical in seen or not (isinstance(m, kinds) or (owner and isinstance(m, owner))):
+        inner = m
+        while owner and isinstance(inner, owner):      # an owner layer counts as what it wraps
+            inner = inner.base
+        if logical in seen or not isinstance(inner, kinds):
             continue
         if isinstance(m, PeftLayer) and not (owner and isinstance(m, owner)):
             continue

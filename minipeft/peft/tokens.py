@@ -93,7 +93,8 @@ class TrainableTokens(PeftLayer):
         rows = arrays.get("rows")
         if rows is None:
             missing.append("rows")
-        elif rows.shape != a.rows.shape or not bool((bk.asarray(rows) == a.rows).all()):
+        elif rows.dtype.kind not in "iu" or rows.shape != a.rows.shape or \
+                not bool((bk.asarray(rows) == a.rows).all()):
             problems.append(f"rows: the file lists token rows {rows.tolist()[:8]}, the config "
                             f"{bk.to_numpy(a.rows).tolist()[:8]}")
         return missing, problems
