@@ -147,7 +147,7 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
             paths = [p for p, mod in m.base_model.named_modules()
                      if isinstance(mod, AdapterLayer) and f"{p}.".startswith("blocks.0.")]
             wraps[name] = {"the block" if p == "blocks.0" else p.replace("blocks.0.", "")
-                           for p in paths}                          # found on the model
+                           for p in paths}                              # found on the model
             where = ", ".join(sorted(wraps[name]))
             where = ("wraps " if config.placement != "parallel" else "beside ") + where
         counts[name] = n
@@ -420,9 +420,9 @@ def main(argv=None) -> dict:
     learned = {n: r["final"]["token_acc"] - r["before"]["token_acc"] for n, r in runs.items()}
     print("\nVerdicts (measured here):")
     # Row 7 is about structure: held when the adapter layers found on each model sit where
-    # the claim says (after attention's output projection and after the MLP) and each model
+    # the claim says (after attention's output projection and after the MLP; Pfeiffer on the
+    # block's output, after the feed-forward residual add) and each model
     # starts as the base model exactly.
-    # (Pfeiffer wraps the whole block: it reads the stream after the FFN's residual add)
     expect = {"houlsby": {"attn.o_proj", "mlp.fc_out"}, "pfeiffer": {"the block"}}
     placed = all(wraps.get(n) == w for n, w in expect.items()) and bool(wraps.get("parallel"))
     start0 = all(step0[n] == 0.0 for n in PLACEMENTS)

@@ -370,8 +370,8 @@ def test_07_adapters(lesson_out, shared_quick_cache, monkeypatch):
     assert counts["ia3"] < 0.2 * counts["lora"]
     # (b) zero up-projection, B = 0, unit IA3 vectors: step 0 is exactly the base model
     assert all(d == 0.0 for d in m["step0_diff"].values())
-    # row 7, read off the models: Houlsby after attention and the MLP, Pfeiffer after the MLP
-    # (fault caught: a placement that wraps the wrong sublayer, or none)
+    # row 7, read off the models: Houlsby after attention and the MLP, Pfeiffer on the block's
+    # output (fault caught: a placement that wraps the wrong sublayer, or none)
     assert m["wraps"]["houlsby"] == ["attn.o_proj", "mlp.fc_out"]
     assert m["wraps"]["pfeiffer"] == ["the block"] and m["row7_held"]
     # (c) every method lowered the held-out loss; gradients + optimizer state are small next
