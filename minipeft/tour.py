@@ -32,10 +32,11 @@ REAL_QUICK_METHODS = ("full", "lora_r8_all", "ia3")
 NOTES = ("Base model pretrained on task A (the skills listed in the table's 'task A' columns); "
          "each method then trains on task B for the same number of steps and tokens, from the "
          "same base, with its own learning rate. Forgetting is measured on held-out task-A "
-         "examples with the adapter active (merged where mergeable). Soft prompts can only steer "
-         "skills the frozen model already has, so they are not expected to learn a new task B. "
-         "A method that learns little of task B has not 'forgotten less' for it: compare the "
-         "'A EM at matched B' column, filled only where task B reached the match level.")
+         "examples with the adapter active. The new task's marker row of the embedding trains with "
+         "every method (trainable_token_indices). A method that learns little of task B has "
+         "not 'forgotten less' for it: compare the 'A EM at matched B' column (old-task exact "
+         "match where task B's answer-token accuracy crossed the match level, interpolated "
+         "along the run), filled only where task B reached that level.")
 
 
 REAL_NOTES = ("A GPT pretrained on 34 of Shakespeare's plays continues training on Python's "
