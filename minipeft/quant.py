@@ -212,6 +212,10 @@ class QuantLinear(Module):
         if self.bias is not None:
             self.bias.requires_grad = False
 
+    def stored_weights(self) -> int:
+        """How many weights the codes stand for (counted by ``Module.num_parameters``)."""
+        return self.in_features * self.out_features
+
     @property
     def weight(self) -> Tensor:
         """The dequantised weight, as a frozen tensor (for inspection and merging)."""

@@ -130,3 +130,10 @@ def test_a_quantised_model_computes_the_float_model_on_its_dequantised_weights()
     np.testing.assert_allclose(bk.to_numpy(model(ids).data), bk.to_numpy(twin(ids).data),
                                atol=1e-5)
     assert all(model.get_submodule(p).bias.requires_grad is False for p in paths)
+
+
+def test_a_quantised_model_counts_the_weights_its_codes_stand_for():
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=64))
+    before = model.num_parameters()
+    quantize_model(model)
+    assert model.num_parameters() == before          # same weights, stored in 4 bits

@@ -82,7 +82,10 @@ class Module:
     def num_parameters(self, trainable_only: bool = False) -> int:
         if trainable_only:
             return sum(p.num_trainable() for p in self.parameters())
-        return sum(p.size for p in self.parameters())
+        # frozen weights a module stores in another form (a 4-bit QuantLinear's codes) count too
+        stored = sum(m.stored_weights() for _, m in self.named_modules()
+                     if hasattr(m, "stored_weights"))
+        return sum(p.size for p in self.parameters()) + stored
 
     def get_submodule(self, name: str) -> Module:
         """The module at a dotted path such as ``blocks.0.attn.q_proj``."""
