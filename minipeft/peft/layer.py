@@ -215,3 +215,35 @@ def value_problems(key: str, arr, dtype) -> list[str]:
         if top > float(bk.np.finfo(dtype).max):
             return [f"{key}: values up to {top:.3g} exceed the range of {bk.np.dtype(dtype)}"]
     return []
+
+
+class DeltaLayer(PeftLayer):
+    """A layer whose adapter adds a dense update to the weight it wraps, W' = W + ΔW with
+    ΔW = ``delta_weight(name)`` (LoRA, VeRA, LoKr): one merge for all of them. The merge is
+    refused (ValueError, nothing changed) when an adapter tensor holds NaN or inf, when W + ΔW
+    overflows, or when unmerging, (W + ΔW) - ΔW, would not give W back (``restores``)."""
+
+    mergeable = True
+
+    def delta_weight(self, name: str):
+        raise NotImplementedError
+
+    def _merge_plan(self, name: str):
+        for label, t in self.adapter_tensors(name).items():
+            if not bool(bk.xp.isfinite(t.data).all()):
+                raise ValueError(f"merge: adapter {name!r} has non-finite values in {label}; "
+                                 "the base weights were left unchanged")
+        W0 = self.base.weight.data
+        delta = self.delta_weight(name)
+        W = (W0 + delta).astype(W0.dtype)
+        if not bool(bk.xp.isfinite(W).all()):
+            raise ValueError("merge: W + ΔW overflows; the base weights were left unchanged")
+        restores(W0, W - delta.astype(W0.dtype), f"{type(self).__name__} adapter {name!r}")
+        return W
+
+    def _install(self, W) -> None:
+        self.base.weight.data = W
+
+    def _take_out(self, name: str) -> None:
+        W = self.base.weight.data - self.delta_weight(name)
+        self.base.weight.data = W.astype(self.base.weight.dtype)

@@ -55,7 +55,7 @@ from minipeft.nn.layers import Linear
 from minipeft.nn.module import Module, Parameter
 from minipeft.peft import targets
 from minipeft.peft.config import PeftConfig
-from minipeft.peft.layer import PeftLayer, restores
+from minipeft.peft.layer import DeltaLayer
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -136,7 +136,7 @@ class KronFactors(Module):
         self.scale = scale
 
 
-class LoKrLinear(PeftLayer):
+class LoKrLinear(DeltaLayer):
     """y = base(x) + s · kron(C, B A) x, with the base Linear frozen."""
 
     mergeable = True
@@ -172,27 +172,6 @@ class LoKrLinear(PeftLayer):
         """s · kron(C, B A), (out, in)."""
         f = getattr(self.adapters, name)
         return f.scale * bk.xp.kron(f.C.data, f.B.data @ f.A.data)
-
-    def _merge_plan(self, name: str):
-        f = getattr(self.adapters, name)
-        for label, t in (("C", f.C), ("B", f.B), ("A", f.A)):
-            if not bool(bk.xp.isfinite(t.data).all()):
-                raise ValueError(f"merge: adapter {name!r} has non-finite values in {label}; "
-                                 "the base weights were left unchanged")
-        W0 = self.base.weight.data
-        delta = self.delta_weight(name)
-        W = (W0 + delta).astype(W0.dtype)
-        if not bool(bk.xp.isfinite(W).all()):
-            raise ValueError("merge: W + ΔW overflows; the base weights were left unchanged")
-        restores(W0, W - delta.astype(W0.dtype), f"LoKr adapter {name!r}")
-        return W
-
-    def _install(self, W) -> None:
-        self.base.weight.data = W
-
-    def _take_out(self, name: str) -> None:
-        self.base.weight.data = (self.base.weight.data - self.delta_weight(name)).astype(
-            self.base.weight.dtype)
 
     def __repr__(self) -> str:
         return f"LoKrLinear({self.base!r}, adapters={self.adapter_names()})"

@@ -73,7 +73,7 @@ from minipeft.nn.layers import Dropout, Embedding, Linear
 from minipeft.nn.module import Module, Parameter
 from minipeft.peft import targets
 from minipeft.peft.config import PeftConfig
-from minipeft.peft.layer import PeftLayer, restores, row_adapters
+from minipeft.peft.layer import DeltaLayer, row_adapters
 from minipeft.quant import QuantLinear
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -245,7 +245,7 @@ class LoRAFactors(Module):
         return f"LoRAFactors(r={self.r}, scale={self.scale:g})"
 
 
-class _LoRALayer(PeftLayer):
+class _LoRALayer(DeltaLayer):
     """What LoRALinear and LoRAEmbedding share: adapters, merge, unmerge, mixed batches.
 
     Subclasses say how one adapter changes the output (``_delta``) and what the update is as
@@ -324,36 +324,11 @@ class _LoRALayer(PeftLayer):
         f = self.factors(name)
         return self._to_layout(f.scale * (f.B.data @ f.A.data))    # (out, r) @ (r, in)
 
-    def _merge_plan(self, name: str):
-        """The merged weight W + s B A, after checking that it is finite and that unmerging
-        (W + s B A) - s B A gives W back (PeftModel checks every layer before any merges)."""
-        f = self.factors(name)
-        for label, t in (("A", f.A), ("B", f.B)):
-            if not bool(bk.xp.isfinite(t.data).all()):
-                raise ValueError(f"merge: adapter {name!r} has non-finite values in "
-                                 f"{label}; the base weights were left unchanged")
-        W0 = self.base.weight.data
-        delta = self.delta_weight(name)
-        W = (W0 + delta).astype(W0.dtype)
-        if not bool(bk.xp.isfinite(W).all()):
-            raise ValueError("merge: W + s B A overflows; the base weights were left unchanged")
-        restores(W0, W - delta.astype(W0.dtype), f"adapter {name!r}")
-        return W
-
     def merge(self) -> None:
         """W <- W + s B A for the active adapter. Idempotent. Refuses (ValueError, W unchanged)
         when the adapter holds NaN or inf, the sum overflows, or unmerging could not give W
         back."""
         self.apply_merge(self.check_merge())
-
-    def _install(self, W) -> None:
-        self.base.weight.data = W
-
-    def _take_out(self, name: str) -> None:
-        """W <- W - s B A for the merged adapter."""
-        W = self.base.weight.data - self.delta_weight(name)
-        self.base.weight.data = W.astype(self.base.weight.dtype)
-
 
 class LoRALinear(_LoRALayer):
     """y = base(x) + s · B A dropout(x), with the base Linear frozen (it *has* the Linear)."""

@@ -41,7 +41,7 @@ from minipeft.nn.layers import Linear
 from minipeft.nn.module import Module, Parameter
 from minipeft.peft import targets
 from minipeft.peft.config import PeftConfig
-from minipeft.peft.layer import PeftLayer, restores
+from minipeft.peft.layer import DeltaLayer
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class VeraVectors(Module):
         self.b = Parameter(b)
 
 
-class VeRALinear(PeftLayer):
+class VeRALinear(DeltaLayer):
     """y = base(x) + b ⊙ (B_l (d ⊙ (A_l x))), with the base Linear frozen."""
 
     mergeable = True
@@ -151,27 +151,6 @@ class VeRALinear(PeftLayer):
         v = getattr(self.adapters, name)
         A, B = self.sliced(name)
         return (v.b.data[:, None] * B) @ (v.d.data[:, None] * A)   # (out, r) @ (r, in)
-
-    def _merge_plan(self, name: str):
-        v = getattr(self.adapters, name)
-        for label, t in (("d", v.d), ("b", v.b)):
-            if not bool(bk.xp.isfinite(t.data).all()):
-                raise ValueError(f"merge: adapter {name!r} has non-finite values in {label}; "
-                                 "the base weights were left unchanged")
-        W0 = self.base.weight.data
-        delta = self.delta_weight(name)
-        W = (W0 + delta).astype(W0.dtype)
-        if not bool(bk.xp.isfinite(W).all()):
-            raise ValueError("merge: W + ΔW overflows; the base weights were left unchanged")
-        restores(W0, W - delta.astype(W0.dtype), f"VeRA adapter {name!r}")
-        return W
-
-    def _install(self, W) -> None:
-        self.base.weight.data = W
-
-    def _take_out(self, name: str) -> None:
-        self.base.weight.data = (self.base.weight.data - self.delta_weight(name)).astype(
-            self.base.weight.dtype)
 
     def __repr__(self) -> str:
         return f"VeRALinear({self.base!r}, adapters={self.adapter_names()})"
