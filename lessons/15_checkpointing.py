@@ -145,9 +145,9 @@ def main(argv=None) -> dict:
         kept = "shrank" if shrink[m] > 1.5 else "did not shrink clearly"
         fell = "fell" if peak_cut[m] > 0.05 else "did not fall clearly"
         print(f"   {m}: activations kept after forward {kept} ({shrink[m]:.1f}x smaller with "
-              f"{r['blocks']} blocks); the step's peak {fell} ({100 * peak_cut[m]:+.0f}%; the "
-              "peak also holds one block rebuilt in backward, the weights, gradients and "
-              "optimizer state)")
+              f"{r['blocks']} blocks); the step's peak {fell} ({r['peak'][False] / MB:.1f} -> "
+              f"{r['peak'][True] / MB:.1f} MiB; it also holds one block rebuilt in backward, "
+              "the weights, gradients and optimizer state)")
         noise = max(r["ms_spread"].values()) / r["ms"][False]
         if r["extra"] > noise:
             print(f"   {m}: checkpointing cost {100 * r['extra']:.0f}% more time per step "

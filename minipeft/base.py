@@ -17,7 +17,7 @@ token, nats and bits per character, the unigram baseline, three samples and the 
 their words found in the plays. It is what ``minipeft finetune --text FILE`` and the real-text
 study (:mod:`minipeft.realtext`) adapt. Measured once (seed 0, 2500 steps, 1.07 M parameters):
 held-out plays 1.509 nats/char (unigram baseline 2.270), 84% of sampled words in the corpus;
-372 s of CPU time on one core of a loaded machine.
+282 s from an empty cache (the BPE included) on a quiet 2-core machine.
 
 The "text" base is the other exception to task A: a character-level GPT over a fixed vocabulary
 (``CharTokenizer.ascii()``: newline, printable ASCII, one unknown id), pretrained on the
