@@ -49,7 +49,7 @@ def test_14_lora_descendants(tmp_path, monkeypatch, shared_quick_cache):
         diff = row["em"] - lora["em"]
         margin = max(lesson.MIN_MARGIN, row["em_spread"], lora["em_spread"])
         word = "better than" if diff > margin else "worse than" if diff < -margin \
-            else "comparable to"
+            else "not distinguishable from"
         assert f"{word} LoRA on task B" in line, line
         ratio = row["step_ms"] / lora["step_ms"]
         slack = max(0.10, (row["step_spread"] + lora["step_spread"]) / lora["step_ms"])
