@@ -126,9 +126,7 @@ def finetune_cli(args) -> int:
     from minipeft.base import RECIPES
     from minipeft.data import TASKS, TaskMixture
 
-    if args.method not in FINETUNE_METHODS:
-        raise ValueError(f"--method: unknown method {args.method!r}; choose from "
-                         f"{', '.join(FINETUNE_METHODS)}")
+    # --method was checked by cli.check_args, before any work
     if args.text is not None:
         if args.base is not None:
             raise ValueError(f"--base {args.base}: applies to --task only; --text always "
