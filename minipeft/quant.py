@@ -34,6 +34,7 @@ from __future__ import annotations
 from statistics import NormalDist
 
 from minipeft import backend as bk
+from minipeft import parallel as par
 from minipeft.autograd.tensor import Tensor, counters
 from minipeft.nn.module import Module
 
@@ -183,7 +184,7 @@ def quant_linear(x: Tensor, qw: NF4Weight, bias: Tensor | None = None) -> Tensor
                          f"but the weight of shape {qw.shape} expects {n_in}")
     lead = x.shape[:-1]
     W = qw.dequantize()                                              # (out, in), dropped after
-    y = x.data.reshape(-1, n_in) @ W.T                               # (N, out)
+    y = par.matmul(x.data.reshape(-1, n_in), W.T)                    # x @ W.T  (N, out)
     flops = 2 * y.shape[0] * n_in * n_out
     counters["matmul_flops"] += flops
     if bias is not None:
@@ -195,7 +196,7 @@ def quant_linear(x: Tensor, qw: NF4Weight, bias: Tensor | None = None) -> Tensor
         dx = db = None
         if x.requires_grad:
             counters["matmul_flops"] += flops
-            dx = (g2 @ qw.dequantize()).reshape(*lead, n_in)         # W rebuilt, not saved
+            dx = par.matmul(g2, qw.dequantize()).reshape(*lead, n_in)  # W rebuilt, not saved
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
         return (dx,) if bias is None else (dx, db)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from minipeft import backend as bk
+from minipeft import parallel as par
 from minipeft.autograd.tensor import Tensor, as_tensor, counters
 
 
@@ -28,7 +29,8 @@ def _check_same_backend(op: str, *tensors: Tensor) -> None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x @ W^T + b, with W of shape (out, in) as in every major library.
 
-    x is flattened to 2-D so each product is a single BLAS call::
+    x is flattened to 2-D so each product is a single BLAS call (its rows split over the CPU
+    cores by ``parallel.matmul``; readable form in the comments)::
 
         dx = g @ W            (N, out) @ (out, in)
         dW = g^T @ x          (out, N) @ (N, in)     -- skipped when W is frozen
@@ -42,22 +44,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                          f"weight of shape {weight.shape} expects {n_in}")
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, n_in)                                   # (N, in)
-    y = x2 @ weight.data.T                                          # (N, out)
+    b = None if bias is None else bias.data
+    y = par.matmul(x2, weight.data.T, add=b)                        # x2 @ W.T + b  (N, out)
     flops = 2 * x2.shape[0] * n_in * n_out                          # one product's FLOPs
     counters["matmul_flops"] += flops
-    if bias is not None:
-        y += bias.data
 
     def backward(g):
         g2 = g.reshape(-1, n_out)                                   # (N, out)
         dx = dw = db = None
         if x.requires_grad:
             counters["matmul_flops"] += flops
-            dx = (g2 @ weight.data).reshape(*lead, n_in)
+            dx = par.matmul(g2, weight.data).reshape(*lead, n_in)  # g2 @ W
         if weight.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops
-            dw = g2.T @ x2                                          # (out, in)
+            dw = par.matmul(g2.T, x2)                               # g2.T @ x2  (out, in)
         if bias is not None and bias.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dw) if bias is None else (dx, dw, db)
@@ -77,34 +78,44 @@ def gelu(x: Tensor) -> Tensor:
     dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)
 
     Elementwise work on the MLP's widest activation (N, 4C) is memory-bound, so both passes
-    reuse their temporaries in place instead of allocating one array per term.
+    reuse their temporaries in place instead of allocating one array per term, and run as
+    ``parallel.elementwise`` pieces over the CPU threads (each piece is the code below).
     """
     xp = bk.xp
     x = as_tensor(x)
     a = x.data
-    t = a * a                                                       # x^2
-    t *= 0.044715
-    t += 1.0
-    t *= a
-    t *= _GELU_C                                                    # u = c x (1 + 0.044715 x^2)
-    xp.tanh(t, out=t)                                               # t = tanh(u)
-    y = t + 1.0
-    y *= a
-    y *= 0.5
+    t = xp.empty_like(a)                                            # tanh(u), saved
+    y = xp.empty_like(a)
+
+    def forward(a, t, y):
+        xp.multiply(a, a, out=t)                                    # x^2
+        t *= 0.044715
+        t += 1.0
+        t *= a
+        t *= _GELU_C                                                # u = c x (1 + 0.044715 x^2)
+        xp.tanh(t, out=t)                                           # t = tanh(u)
+        xp.add(t, 1.0, out=y)
+        y *= a
+        y *= 0.5
+    par.elementwise(forward, a, t, y)
 
     def backward(g):
-        d = t * t
-        xp.subtract(1.0, d, out=d)                                  # 1 - tanh^2
-        d *= a
-        d *= 0.5 * _GELU_C
-        w = a * a
-        w *= 3 * 0.044715
-        w += 1.0
-        d *= w                                                      # x/2 (1 - t^2) c (1 + ...)
-        d += 0.5
-        w = xp.multiply(t, 0.5, out=w)
-        d += w                                                      # + (1 + t)/2
-        d *= g
+        d = xp.empty_like(t)
+
+        def piece(t, a, g, d):
+            xp.multiply(t, t, out=d)
+            xp.subtract(1.0, d, out=d)                              # 1 - tanh^2
+            d *= a
+            d *= 0.5 * _GELU_C
+            w = a * a
+            w *= 3 * 0.044715
+            w += 1.0
+            d *= w                                                  # x/2 (1 - t^2) c (1 + ...)
+            d += 0.5
+            xp.multiply(t, 0.5, out=w)
+            d += w                                                  # + (1 + t)/2
+            d *= g
+        par.elementwise(piece, t, a, g, d)
         return (d,)
     # saves tanh(u); backward holds d (which becomes dx) and one temporary w: 2 x the output
     return Tensor._make(y, (x,), backward, "gelu", saved=(t,), workspace=2 * y.nbytes)
@@ -166,18 +177,26 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
                          f"ignore_index={ignore_index}")
     n = max(int(valid.sum()), 1)
     rows = xp.arange(z.shape[0])
-    zs = z - z.max(axis=-1, keepdims=True)                          # (N, V) shifted logits
-    picked = zs[rows, safe_t]                                       # (N,)
-    p = xp.exp(zs, out=zs)                                          # (N, V), in place
-    se = p.sum(axis=-1)                                             # (N,)
-    p /= se[:, None]                                                # softmax
-    logp = picked - xp.log(se)                                      # log p[target], no underflow
-    loss = -(logp * valid).sum() / n
+    p = xp.empty_like(z)                                            # (N, V) softmax, saved
+
+    def forward(z, t, valid, p):                                    # a piece of rows
+        xp.subtract(z, z.max(axis=-1, keepdims=True), out=p)        # shifted logits
+        picked = p[xp.arange(p.shape[0]), t]                        # (n,)
+        xp.exp(p, out=p)                                            # in place
+        se = p.sum(axis=-1)                                         # (n,)
+        p /= se[:, None]                                            # softmax
+        logp = picked - xp.log(se)                                  # log p[target], no underflow
+        return (logp * valid).sum()
+    loss = -sum(par.rows(forward, z, safe_t, valid, p)) / n
 
     def backward(g):
-        d = p * (g / n)
-        d[rows, safe_t] -= g / n
-        d *= valid[:, None]
+        d = xp.empty_like(p)
+
+        def piece(p, t, valid, d):                                  # a piece of rows
+            xp.multiply(p, g / n, out=d)
+            d[xp.arange(d.shape[0]), t] -= g / n
+            d *= valid[:, None]
+        par.rows(piece, p, safe_t, valid, d)
         return (d.reshape(logits.shape),)
     # saves the softmax p (N, V) and three (N,) index arrays; backward makes d, logits-sized
     return Tensor._make(xp.asarray(loss, dtype=logits.dtype), (logits,), backward,
@@ -200,38 +219,59 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
         if p_ is not None and p_.shape != (C,):
             raise ValueError(f"layer_norm: parameter of shape {p_.shape} does not match the "
                              f"normalised size {C} of input {x.shape}")
-    a = x.data
-    xhat = a - a.mean(axis=-1, keepdims=True)                       # x - mean, then in place:
-    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C    # (..., 1), no (..., C) temp
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= rstd                                                    # xhat (..., C)
-    y = xhat * weight.data if weight is not None else xhat.copy()
-    if bias is not None:
-        y += bias.data
+    w = None if weight is None else weight.data
+    bb = None if bias is None else bias.data
+    a = x.data.reshape(-1, C)                                       # (N, C) rows
+    xhat = xp.empty_like(a)
+    rstd = xp.empty((a.shape[0], 1), dtype=a.dtype)
+    y = xp.empty(a.shape, dtype=xp.result_type(*(t.dtype for t in parents)))
+
+    def forward(a, xhat, rstd, y):                                  # a piece of rows
+        xp.subtract(a, a.mean(axis=-1, keepdims=True), out=xhat)    # x - mean, then in place:
+        var = xp.einsum("nc,nc->n", xhat, xhat)[:, None] / C        # (n, 1), no (n, C) temp
+        xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+        xhat *= rstd                                                # xhat (n, C)
+        if w is not None:
+            xp.multiply(xhat, w, out=y)
+        else:
+            y[...] = xhat
+        if bb is not None:
+            y += bb
+    par.rows(forward, a, xhat, rstd, y)
+    y = y.reshape(x.shape)
 
     def backward(g):
-        grads = []
-        gh = g * weight.data if weight is not None else g
-        if x.requires_grad:
-            m2 = xp.einsum("...c,...c->...", gh, xhat)[..., None] / C  # mean(gh * xhat)
-            dx = xhat * m2
-            xp.subtract(gh, dx, out=dx)
-            dx -= gh.mean(axis=-1, keepdims=True)
-            dx *= rstd
-            grads.append(dx)
-        else:
-            grads.append(None)
-        g2 = g.reshape(-1, C)
+        g2 = g.reshape(-1, C)                                       # (N, C)
+        dx = xp.empty_like(xhat) if x.requires_grad else None
+        need_w = weight is not None and weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+
+        def piece(g, xhat, rstd, *dx):                              # a piece of rows
+            if dx:
+                dx, = dx
+                gh = g * w if w is not None else g
+                m2 = xp.einsum("nc,nc->n", gh, xhat)[:, None] / C   # mean(gh * xhat)
+                xp.multiply(xhat, m2, out=dx)
+                xp.subtract(gh, dx, out=dx)
+                dx -= gh.mean(axis=-1, keepdims=True)
+                dx *= rstd
+            # this piece's share of the parameter gradients (summed over the pieces below)
+            return ((g * xhat).sum(axis=0) if need_w else None, g.sum(axis=0) if need_b else None)
+        parts = par.rows(piece, g2, xhat, rstd, *(() if dx is None else (dx,)))
+        grads = [dx.reshape(x.shape) if dx is not None else None]
         if weight is not None:
-            grads.append((g2 * xhat.reshape(-1, C)).sum(axis=0) if weight.requires_grad else None)
+            grads.append(sum(p_[0] for p_ in parts) if need_w else None)
         if bias is not None:
-            grads.append(g2.sum(axis=0) if bias.requires_grad else None)
+            grads.append(sum(p_[1] for p_ in parts) if need_b else None)
         return tuple(grads)
-    # saves xhat and rstd. Backward holds, each the size of the output: g * w (with a weight),
-    # dx (if x needs it), and g * xhat before its sum (if the weight trains): up to 3 x
-    n_big = (weight is not None) + x.requires_grad + (weight is not None and weight.requires_grad)
+    # saves xhat and rstd. Backward holds, each the size of the output: g * w and dx (if x
+    # needs a gradient; g * w only with a weight), and g * xhat before its sum (if the weight
+    # trains): up to 3 x
+    n_big = (weight is not None and x.requires_grad) + x.requires_grad + (
+        weight is not None and weight.requires_grad)
     small = sum(t.data.nbytes for t in (weight, bias) if t is not None and t.requires_grad)
-    return Tensor._make(y, parents, backward, "layer_norm", saved=(xhat, rstd),
+    return Tensor._make(y, parents, backward, "layer_norm",
+                        saved=(xhat.reshape(x.shape), rstd.reshape(*x.shape[:-1], 1)),
                         workspace=n_big * y.nbytes + small)
 
 
@@ -303,50 +343,102 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     Two savings on the (Tq, Tk) arrays, which dominate the cost: the scale multiplies q (D
     columns, not Tk) and dQ, dK; and rowsum(dP * P) = rowsum(g * out), since
     sum_k (g . v_k) P_qk = g . (sum_k P_qk v_k) = g . out_q (FlashAttention's "D" term).
+
+    The work runs a few heads at a time (``_head_blocks``): one block's (h, Tq, Tk) scores stay
+    in the core's cache through all six passes (product, mask, max, exp, sum, divide) instead of
+    streaming the whole (B, H, Tq, Tk) array through memory six times, and blocks are shared out
+    over the CPU threads (``parallel.run``). Each block runs exactly the whole-array code below
+    on its slice, so the numbers do not depend on the blocking. dS lives one block at a time.
     """
     xp = bk.xp
     _check_same_backend("attention", q, k, v)
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
         raise ValueError(f"attention: expected q (B, H, Tq, D) and k, v (B, H, Tk, D), got "
                          f"{q.shape}, {k.shape}, {v.shape}")
-    Tq, Tk = q.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q.data * scale) @ k.data.swapaxes(-1, -2)                  # (B, H, Tq, Tk)
-    flops = 2 * s.size * q.shape[-1]                                # one product's FLOPs
-    counters["matmul_flops"] += 2 * flops                           # q k^T and P v
-    if causal:
-        s += causal_bias(Tq, Tk, s.dtype)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
+    bias = causal_bias(Tq, Tk, dtype) if causal else None
     if mask is not None:
         mask = mask.data if isinstance(mask, Tensor) else bk.asarray(mask)
-        s = xp.where(mask, s, -xp.inf)
-    s -= s.max(axis=-1, keepdims=True)
-    p = xp.exp(s, out=s)
-    p /= p.sum(axis=-1, keepdims=True)                              # P, in place of S
-    out = p @ v.data                                                # (B, H, Tq, D)
+        mask = xp.broadcast_to(mask, (B, H, Tq, Tk))
+    hc = _heads_per_block(Tq, Tk, bk.np.dtype(dtype).itemsize)
+    p = xp.empty((B, H, Tq, Tk), dtype=dtype)                       # P, filled block by block
+    # out is laid out (B, Tq, H, D) in memory and viewed as (B, H, Tq, D): the caller's
+    # transpose back to (B, Tq, H, D) and merge of the heads then needs no copy
+    out = xp.empty((B, Tq, H, D), dtype=dtype).transpose(0, 2, 1, 3)
+
+    def forward_piece(lo, hi):
+        for b, h0, h1 in _head_blocks(lo, hi, H, hc):
+            s = p[b, h0:h1]                                         # (h, Tq, Tk), a view of P
+            xp.matmul(q.data[b, h0:h1] * scale, k.data[b, h0:h1].swapaxes(-1, -2), out=s)
+            if bias is not None:
+                s += bias
+            if mask is not None:
+                xp.copyto(s, -xp.inf, where=~mask[b, h0:h1])
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)                      # P, in place of S
+            xp.matmul(s, v.data[b, h0:h1], out=out[b, h0:h1])       # (h, Tq, D)
+    par.run(forward_piece, B * H, work=B * H * Tq * Tk)
+    flops = 2 * p.size * D                                          # one product's FLOPs
+    counters["matmul_flops"] += 2 * flops                           # q k^T and P v
 
     def backward(g):
-        dq = dk = dv = None
         products = (v.requires_grad + (q.requires_grad or k.requires_grad)  # dV, dP
                     + q.requires_grad + k.requires_grad)                     # dQ, dK
         counters["matmul_flops"] += flops * products
-        if v.requires_grad:
-            dv = p.swapaxes(-1, -2) @ g                             # (B, H, Tk, D)
-        if q.requires_grad or k.requires_grad:
-            ds = g @ v.data.swapaxes(-1, -2)                        # dP (B, H, Tq, Tk)
-            ds -= (g * out).sum(axis=-1, keepdims=True)             # rowsum(dP * P)
-            ds *= p                                                 # dS
-            if q.requires_grad:
-                dq = ds @ k.data                                    # (B, H, Tq, D)
-                dq *= scale
-            if k.requires_grad:
-                dk = ds.swapaxes(-1, -2) @ q.data                   # (B, H, Tk, D)
-                dk *= scale
+        # each gradient takes its input's memory layout (empty_like keeps strides), so the
+        # transposes that made q, k, v from (B, T, H, D) undo into contiguous arrays
+        dq = xp.empty_like(q.data, dtype=dtype) if q.requires_grad else None
+        dk = xp.empty_like(k.data, dtype=dtype) if k.requires_grad else None
+        dv = xp.empty_like(v.data, dtype=dtype) if v.requires_grad else None
+
+        def backward_piece(lo, hi):
+            for b, h0, h1 in _head_blocks(lo, hi, H, hc):
+                pb, gb = p[b, h0:h1], g[b, h0:h1]                   # (h, Tq, Tk), (h, Tq, D)
+                if dv is not None:
+                    xp.matmul(pb.swapaxes(-1, -2), gb, out=dv[b, h0:h1])
+                if dq is None and dk is None:
+                    continue
+                ds = gb @ v.data[b, h0:h1].swapaxes(-1, -2)         # dP (h, Tq, Tk)
+                ds -= (gb * out[b, h0:h1]).sum(axis=-1, keepdims=True)  # rowsum(dP * P)
+                ds *= pb                                            # dS
+                if dq is not None:
+                    xp.matmul(ds, k.data[b, h0:h1], out=dq[b, h0:h1])
+                    dq[b, h0:h1] *= scale
+                if dk is not None:
+                    xp.matmul(ds.swapaxes(-1, -2), q.data[b, h0:h1], out=dk[b, h0:h1])
+                    dk[b, h0:h1] *= scale
+                del ds                                  # before the next block makes its own
+        par.run(backward_piece, B * H, work=B * H * Tq * Tk)
         return dq, dk, dv
-    # saves P (B, H, Tq, Tk). Backward: dV, then dS the size of P (if q or k needs a gradient)
-    # beside g * out, then dQ, dK: P's size once, plus the gradients
+    # saves P (B, H, Tq, Tk). Backward allocates the gradients, and per thread one block's dS
+    # and g * out
     grads = sum(t.data.nbytes for t in (q, k, v) if t.requires_grad)
     ws = grads
     if q.requires_grad or k.requires_grad:
-        dv = v.data.nbytes if v.requires_grad else 0
-        ws = p.nbytes + max(grads, dv + out.nbytes)
+        block = min(hc, H) * Tq * (Tk + D) * bk.np.dtype(dtype).itemsize
+        ws += min(par.threads(), B * H) * block
     return Tensor._make(out, (q, k, v), backward, "attention", saved=(p,), workspace=ws)
+
+
+# One block's scores should fit in a core's L2 cache (512 KB to 1 MB on today's CPUs) with room
+# to spare for the rows of q, k, v it reads.
+_BLOCK_BYTES = 1 << 18
+
+
+def _heads_per_block(Tq: int, Tk: int, itemsize: int) -> int:
+    return max(1, _BLOCK_BYTES // max(1, Tq * Tk * itemsize))
+
+
+def _head_blocks(lo: int, hi: int, H: int, hc: int):
+    """(b, h0, h1) blocks of at most ``hc`` heads of one sequence b, covering the flat
+    (batch * head) indices lo..hi-1."""
+    i = lo
+    while i < hi:
+        b, h0 = divmod(i, H)
+        h1 = min(H, h0 + hc, h0 + hi - i)
+        yield b, h0, h1
+        i += h1 - h0

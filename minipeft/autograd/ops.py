@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 
 from minipeft import backend as bk
+from minipeft import parallel as par
 from minipeft.autograd.tensor import Tensor, as_tensor, counters
 
 
@@ -95,7 +96,7 @@ def add(a, b) -> Tensor:
     def backward(g):
         return (unbroadcast(g, a.shape) if a.requires_grad else None,
                 unbroadcast(g, b.shape) if b.requires_grad else None)
-    out = a.data + b.data
+    out = par.add(a.data, b.data)                                   # a.data + b.data
     # g itself is passed on where no axis was broadcast: new bytes only for the summed ones
     return Tensor._make(out, (a, b), backward, "add",
                         workspace=_summed_bytes(out.shape, a, b))
@@ -178,14 +179,19 @@ def matmul(a, b) -> Tensor:
         ga = gb = None
         if a.requires_grad:
             counters["matmul_grad"] += 1
-            ga = unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape)
+            ga = unbroadcast(_mm(g, b.data.swapaxes(-1, -2)), a.shape)
         if b.requires_grad:
             counters["matmul_grad"] += 1
-            gb = unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape)
+            gb = unbroadcast(_mm(a.data.swapaxes(-1, -2), g), b.shape)
         return ga, gb
-    out = a.data @ b.data
+    out = _mm(a.data, b.data)
     ws = builtins.sum(_matmul_grad_bytes(t, out) for t in (a, b) if t.requires_grad)
     return Tensor._make(out, (a, b), backward, "matmul", workspace=ws)
+
+
+def _mm(x, y):
+    """x @ y; two matrices' product has its rows split over the CPU threads."""
+    return par.matmul(x, y) if x.ndim == 2 and y.ndim == 2 else x @ y
 
 
 # --------------------------------------------------------------------------- elementwise

@@ -21,6 +21,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 from minipeft import backend as bk
+from minipeft import parallel as par
 
 # What the matmul-heavy ops actually executed: ``weight_grad_matmul`` counts weight-gradient
 # products (tests use it to prove a frozen weight costs nothing), ``matmul_grad`` the primitive
@@ -150,13 +151,14 @@ class Tensor:
                         "retain_graph=True to the first backward() to reuse it")
                 g = g.astype(node.data.dtype, copy=False)
                 # a fresh array: g may be the caller's seed or shared with another leaf
-                node.grad = xp.array(g, order="C") if node.grad is None else node.grad + g
+                node.grad = (xp.array(g, order="C") if node.grad is None
+                             else par.add(node.grad, g))
                 continue
             for parent, pg in zip(node._parents, node._backward(g)):
                 if pg is None or not parent.requires_grad:
                     continue
                 key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                grads[key] = pg if key not in grads else par.add(grads[key], pg)
             if not retain_graph:  # free the saved activations as soon as they are used
                 node._backward, node._parents, node._saved = None, (), ()
 

@@ -62,8 +62,7 @@ def gpt_activation_breakdown(batch: int, seq: int, d_model: int, n_layer: int, n
         ln_1, ln_2      output, xhat (N C each), rstd (N)        2 x (2 N C + N)
         q, k, v         projection outputs                        3 N C
         attention       probabilities P (B, H, T, T); output O    B H T^2 + N C
-        merge heads     the (B, T, C) copy that o_proj reads      N C  (0 if H = 1 or T = 1:
-                        then (B, H, T, D) -> (B, T, H, D) is already contiguous, a view)
+                        (O is stored (B, T, H, D), so merging the heads for o_proj is a view)
         o_proj, fc_out  outputs                                   2 N C
         residual adds   outputs                                   2 N C
         fc_in, GELU     fc_in output, tanh term, GELU output      3 N F = 12 N C
@@ -80,7 +79,6 @@ def gpt_activation_breakdown(batch: int, seq: int, d_model: int, n_layer: int, n
         "qkv": v * 3 * N * C,
         "attention_probs": v * B * H * T * T,
         "attention_out": v * N * C,
-        "merge_heads": v * N * C if H > 1 and T > 1 else 0,  # else the reshape is a view
         "projections_out": v * 2 * N * C,
         "residual_adds": v * 2 * N * C,
         "mlp_hidden": v * 3 * N * 4 * C,

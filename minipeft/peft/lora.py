@@ -67,6 +67,7 @@ from dataclasses import dataclass
 
 from minipeft import backend as bk
 from minipeft import checks
+from minipeft import parallel as par
 from minipeft.autograd import Tensor, concatenate, counters, embedding, linear, matmul, transpose
 from minipeft.lowrank import pissa_init
 from minipeft.nn.layers import Dropout, Embedding, Linear
@@ -186,14 +187,21 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         raise ValueError(f"lora_linear: input has {x.shape[-1]} features (shape {x.shape}) but "
                          f"the weight of shape {W.shape} expects {n_in}")
     lead, r = x.shape[:-1], A.shape[0]
+    xp = bk.xp
     x2 = x.data.reshape(-1, n_in)                                   # (N, in)
-    h = x2 @ A.data.T                                               # (N, r)
-    h *= s
-    y = x2 @ W.data.T                                               # (N, out)
-    y += h @ B.data.T
-    if b is not None:
-        y += b.data
     N = x2.shape[0]
+    dtype = xp.result_type(x2.dtype, W.dtype, A.dtype, B.dtype)
+    h = xp.empty((N, r), dtype=dtype)
+    y = xp.empty((N, n_out), dtype=dtype)
+
+    def forward(x2, h, y):                  # a piece of the rows (parallel.rows splits them)
+        xp.matmul(x2, A.data.T, out=h)                              # (n, r)
+        h *= s
+        xp.matmul(x2, W.data.T, out=y)                              # (n, out)
+        y += h @ B.data.T
+        if b is not None:
+            y += b.data
+    par.rows(forward, x2, h, y, work=N * n_in * n_out // 64)
     flops = {"W": 2 * N * n_in * n_out, "A": 2 * N * n_in * r, "B": 2 * N * r * n_out}
     counters["matmul_flops"] += sum(flops.values())
 
@@ -201,25 +209,25 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         g2 = g.reshape(-1, n_out)                                   # (N, out)
         dx = dW = dA = dB = db = None
         if x.requires_grad or A.requires_grad:
-            gB = g2 @ B.data                                        # (N, r)
+            gB = par.matmul(g2, B.data)                             # g2 @ B  (N, r)
             counters["matmul_flops"] += flops["B"]
         if x.requires_grad:
             counters["matmul_flops"] += flops["W"] + flops["A"]
-            dx = g2 @ W.data                                        # (N, in)
-            dx += (s * gB) @ A.data
+            dx = par.matmul(g2, W.data)                             # g2 @ W  (N, in)
+            dx += par.matmul(s * gB, A.data)                        # + s gB A
             dx = dx.reshape(*lead, n_in)
         if W.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["W"]
-            dW = g2.T @ x2                                          # (out, in)
+            dW = par.matmul(g2.T, x2)                               # g2.T @ x2  (out, in)
         if A.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["A"]
-            dA = (s * gB).T @ x2                                    # (r, in)
+            dA = par.matmul((s * gB).T, x2)                         # (r, in)
         if B.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["B"]
-            dB = g2.T @ h                                           # (out, r)
+            dB = par.matmul(g2.T, h)                                # g2.T @ h  (out, r)
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dW, dA, dB) if b is None else (dx, dW, dA, dB, db)
