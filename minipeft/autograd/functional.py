@@ -345,9 +345,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     sum_k (g . v_k) P_qk = g . (sum_k P_qk v_k) = g . out_q (FlashAttention's "D" term).
 
     The work runs a few heads at a time (``_head_blocks``): one block's (h, Tq, Tk) scores stay
-    in the core's cache through all six passes (product, mask, max, exp, sum, divide) instead of
-    streaming the whole (B, H, Tq, Tk) array through memory six times, and blocks are shared out
-    over the CPU threads (``parallel.run``). Each block runs exactly the whole-array code below
+    in cache through all six passes (product, mask, max, exp, sum, divide) instead of streaming
+    the whole (B, H, Tq, Tk) array through memory six times, and blocks are shared out over the
+    CPU threads (``parallel.run``). Each block runs exactly the whole-array code below
     on its slice, so the numbers do not depend on the blocking. dS lives one block at a time.
     """
     xp = bk.xp
@@ -424,9 +424,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     return Tensor._make(out, (q, k, v), backward, "attention", saved=(p,), workspace=ws)
 
 
-# One block's scores should fit in a core's L2 cache (512 KB to 1 MB on today's CPUs) with room
-# to spare for the rows of q, k, v it reads.
-_BLOCK_BYTES = 1 << 18
+# Heads per block: about 2 MB of scores. Measured on 2 cores, M's attention (B8 H8 T256 D32)
+# forward + backward took 31 ms in 256 KB blocks (one head: many small NumPy calls, each taking
+# the GIL), 23 ms in 2 MB blocks and 25 ms in one block per thread (streamed from memory).
+_BLOCK_BYTES = 1 << 21
 
 
 def _heads_per_block(Tq: int, Tk: int, itemsize: int) -> int:
