@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 from minipeft import backend as bk
-from minipeft import parallel as par
 
 
 def _check_params(params, who: str) -> list:
@@ -116,21 +115,17 @@ class AdamW(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            update = xp.empty_like(p.data)
-
-            def piece(m, v, g, w, update, wd=wd):                   # a piece of the elements
-                m *= b1
-                m += (1 - b1) * g                                   # in place: no new buffers
-                v *= b2
-                v += (1 - b2) * (g * g)
-                xp.divide(v, c2, out=update)
-                xp.sqrt(update, out=update)
-                update += self.eps
-                xp.divide(m / c1, update, out=update)               # m_hat / (sqrt(v_hat) + eps)
-                if wd:
-                    update += wd * w                                # decoupled weight decay
-                update *= self.lr
-            par.elementwise(piece, st["m"], st["v"], g, p.data, update)
+            m, v = st["m"], st["v"]
+            m *= b1
+            m += (1 - b1) * g                                       # in place: no new buffers
+            v *= b2
+            v += (1 - b2) * (g * g)
+            update = xp.sqrt(v / c2)
+            update += self.eps
+            xp.divide(m / c1, update, out=update)
+            if wd:
+                update += wd * p.data
+            update *= self.lr
             self._apply(p, update)
 
 

@@ -16,7 +16,6 @@ from minipeft import backend as bk
 from minipeft import parallel as par
 from minipeft.autograd import Tensor, concatenate, gradcheck
 from minipeft.autograd import functional as F
-from minipeft.optim import AdamW
 
 pytestmark = pytest.mark.skipif(bk.name != "numpy", reason="CPU threads: NumPy backend only")
 
@@ -53,10 +52,6 @@ def forward_backward(build, seed=0):
 OPS = {
     # name: (build, exact): exact = every number the same, else equal to float32 rounding
     "gelu": (lambda r: (lambda x: (F.gelu(x), [x]))(leaf(r, 5, 7, 33)), True),
-    "layer_norm": (lambda r: (lambda x, w, b: (F.layer_norm(x, w, b), [x, w, b]))(
-        leaf(r, 6, 5, 24), leaf(r, 24), leaf(r, 24)), False),
-    "layer_norm, frozen x": (lambda r: (lambda x, w, b: (F.layer_norm(x, w, b), [w, b]))(
-        leaf(r, 6, 5, 24, grad=False), leaf(r, 24), leaf(r, 24)), False),
     "cross_entropy": (lambda r: (lambda z: (F.cross_entropy(
         z, np.where(r.random((7, 9)) < 0.2, -100, r.integers(0, 40, (7, 9)))), [z]))(
         leaf(r, 7, 9, 40)), False),
@@ -108,22 +103,6 @@ def test_lora_linear_split_equals_one_call(threads):
     many = threads(2, lambda: forward_backward(build))
     for a, b in zip(one, many):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
-
-
-def test_adamw_split_equals_one_call(threads):
-    def train():
-        from minipeft.nn.module import Parameter
-
-        rng = np.random.default_rng(0)
-        ps = [Parameter(rng.normal(size=s).astype(np.float32)) for s in ((40, 30), (30,))]
-        opt = AdamW(ps, lr=1e-2, weight_decay=0.1)
-        for _ in range(3):
-            for p in ps:
-                p.grad = rng.normal(size=p.shape).astype(np.float32)
-            opt.step()
-        return [p.data.copy() for p in ps]
-    for a, b in zip(threads(1, train), threads(2, train)):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_split_gradients_pass_gradcheck_in_float64(threads):
