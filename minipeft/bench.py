@@ -48,6 +48,7 @@ CONFIGS = {
     "S": BenchConfig("S", 512, 128, 4, 4, 128, 16),
     "M": BenchConfig("M", 2048, 256, 6, 8, 256, 8),
     "XS": BenchConfig("XS", 64, 32, 2, 2, 32, 8),  # --quick
+    "L": BenchConfig("L", 2048, 1024, 12, 16, 1024, 8),  # a GPU's size (scripts/gpu_check.sh)
 }
 PROMPT_TOKENS = 16
 
@@ -104,20 +105,25 @@ def build(cfg: BenchConfig, method: str, peft_cfg):
     return peft, real_tokens
 
 
-def make_step(cfg: BenchConfig, method: str, peft_cfg):
-    """A model of ``cfg`` with ``method``, one fixed batch, and a closure doing one training
-    step (zero_grad, forward, backward, AdamW). Returns (step, model, tokens per step)."""
+def training_setup(cfg: BenchConfig, method: str, peft_cfg):
+    """A model of ``cfg`` with ``method``, its AdamW and one fixed batch: (model, opt, x, y)."""
     model, T = build(cfg, method, peft_cfg)
     rng = bk.host_rng(1)
     x = bk.asarray(rng.integers(0, cfg.vocab_size, (cfg.batch_size, T)))
     y = bk.asarray(rng.integers(0, cfg.vocab_size, (cfg.batch_size, T)))
-    opt = AdamW(model.trainable_parameters(), lr=1e-4)
+    return model, AdamW(model.trainable_parameters(), lr=1e-4), x, y
+
+
+def make_step(cfg: BenchConfig, method: str, peft_cfg):
+    """A closure doing one training step (zero_grad, forward, backward, AdamW) on
+    ``training_setup``'s model and batch. Returns (step, model, tokens per step)."""
+    model, opt, x, y = training_setup(cfg, method, peft_cfg)
 
     def step():
         opt.zero_grad()
         model.loss(x, y).backward()
         opt.step()
-    return step, model, cfg.batch_size * T
+    return step, model, x.size
 
 
 def bench_steps(cfg: BenchConfig, methods: dict, steps: int, peak: float) -> list[dict]:
@@ -145,6 +151,72 @@ def bench_steps(cfg: BenchConfig, methods: dict, steps: int, peak: float) -> lis
                      "peak_train_mb": training_peak_bytes(cfg, m, methods[m]) / 2**20,
                      "trainable": trainable, "trainable_pct": 100 * trainable / total})
     return rows
+
+
+def profile_step(cfg: BenchConfig, method: str, peft_cfg, steps: int = 5) -> dict:
+    """Where one training step's time goes, per kind of op: {op: [forward ms, backward ms]}
+    (medians over ``steps`` steps) plus ``"optimizer"`` and ``"step"`` (the whole step).
+
+    Each op's backward is timed around its closure. An op's forward is the time since the
+    previous op was made: its own array work plus the Python between the two ops (so reading
+    "linear 200 ms forward" means the linear layers and the code that calls them)."""
+    from minipeft.autograd.tensor import Tensor
+
+    model, opt, x, y = training_setup(cfg, method, peft_cfg)
+    for _ in range(2):                                 # warm-up; AdamW creates its state
+        opt.zero_grad()
+        model.loss(x, y).backward()
+        opt.step()
+    make = Tensor._make
+    runs, last = [], [0.0]
+
+    def timed_make(data, parents, backward, op, saved=(), workspace=None):
+        now = time.perf_counter()
+        fwd, bwd = runs[-1]
+        fwd[op] = fwd.get(op, 0.0) + now - last[0]
+
+        def timed_backward(g):
+            t = time.perf_counter()
+            out = backward(g)
+            bwd[op] = bwd.get(op, 0.0) + time.perf_counter() - t
+            return out
+        out = make(data, parents, timed_backward, op, saved, workspace)
+        last[0] = time.perf_counter()
+        return out
+
+    Tensor._make = staticmethod(timed_make)
+    try:
+        totals, optimizer = [], []
+        for _ in range(steps):
+            runs.append(({}, {}))
+            bk.synchronize()
+            start = last[0] = time.perf_counter()
+            opt.zero_grad()
+            model.loss(x, y).backward()
+            bk.synchronize()
+            t = time.perf_counter()
+            opt.step()
+            bk.synchronize()
+            optimizer.append(time.perf_counter() - t)
+            totals.append(time.perf_counter() - start)
+    finally:
+        Tensor._make = make
+    ops = sorted({op for fwd, bwd in runs for op in fwd | bwd})
+    out = {op: [statistics.median(r[i].get(op, 0.0) for r in runs) * 1e3 for i in (0, 1)]
+           for op in ops}
+    out["optimizer"] = [statistics.median(optimizer) * 1e3, 0.0]
+    out["step"] = [statistics.median(totals) * 1e3, 0.0]
+    return out
+
+
+def profile_table(cfg: BenchConfig, method: str, prof: dict) -> str:
+    step = prof["step"][0]
+    rows = sorted(((op, f, b) for op, (f, b) in prof.items() if op != "step"),
+                  key=lambda r: -(r[1] + r[2]))
+    lines = [f"profile of one {cfg.name} {method} step: {step:.0f} ms",
+             "| op | forward ms | backward ms | share |", "|---|---|---|---|"]
+    lines += [f"| {op} | {f:.1f} | {b:.1f} | {100 * (f + b) / step:.0f}% |" for op, f, b in rows]
+    return "\n".join(lines)
 
 
 def training_peak_bytes(cfg: BenchConfig, method: str, peft_cfg) -> int:
@@ -248,15 +320,18 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m minipeft.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny config, a few seconds")
-    ap.add_argument("--configs", default="S,M", help="comma-separated: S, M (default S,M)")
+    ap.add_argument("--configs", default="S,M", help="comma-separated: S, M, L (L is a GPU's "
+                    "size; default S,M)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
     ap.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    ap.add_argument("--profile", metavar="METHOD", help="instead of the table: where one step "
+                    "of METHOD (e.g. full) goes, per kind of op, for each config")
     args = ap.parse_args(argv)
     configs = ["XS"] if args.quick else args.configs.split(",")
     for c in configs:
         if c not in CONFIGS:
-            ap.error(f"--configs: unknown config {c!r}; choose from S, M")
+            ap.error(f"--configs: unknown config {c!r}; choose from S, M, L")
     try:            # every argument and the file it will write, before any measuring
         if args.json is not None:
             check_output_file("--json", args.json)
@@ -266,8 +341,22 @@ def main(argv=None) -> dict:
             if unknown:
                 raise ValueError(f"--methods: unknown {unknown}; choose from "
                                  f"{', '.join(method_configs())}")
+        if args.profile is not None and args.profile not in method_configs():
+            raise ValueError(f"--profile: unknown method {args.profile!r}; choose from "
+                             f"{', '.join(method_configs())}")
     except (ValueError, TypeError) as exc:
         ap.error(str(exc))
+    if args.profile is not None:
+        report = {"backend": bk.name, "profiles": {}}
+        for c in configs:
+            prof = profile_step(CONFIGS[c], args.profile, method_configs()[args.profile],
+                                steps=3 if args.quick else args.steps)
+            report["profiles"][c] = prof
+            print(profile_table(CONFIGS[c], args.profile, prof), flush=True)
+        if args.json:
+            atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
+            print(f"wrote {args.json}")
+        return report
     report = run(configs, args.methods.split(",") if args.methods else None,
                  steps=3 if args.quick else args.steps, gen_tokens=16 if args.quick else 128,
                  gen_repeats=2 if args.quick else 9)

@@ -53,3 +53,20 @@ def test_generation_rows_compare_merged_and_unmerged_lora_with_the_base(report):
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown methods"):
         run(configs=("XS",), methods=("full", "nope"), out=io.StringIO())
+
+
+def test_profile_times_every_kind_of_op_the_step_runs():
+    """The profile's ops are the ones a GPT step makes, their times add up to (about) the step,
+    and the engine is left unpatched afterwards."""
+    from minipeft.autograd.tensor import Tensor
+    from minipeft.bench import profile_step
+
+    make = Tensor._make
+    prof = profile_step(CONFIGS["XS"], "full", None, steps=3)
+    assert Tensor._make is make
+    assert {"linear", "attention", "gelu", "layer_norm", "cross_entropy", "embedding", "add",
+            "optimizer"} <= set(prof)
+    assert all(f >= 0 and b >= 0 for f, b in prof.values())
+    assert all(prof[op][1] > 0 for op in ("linear", "attention", "gelu", "layer_norm"))
+    parts = sum(f + b for op, (f, b) in prof.items() if op != "step")
+    assert 0.5 * prof["step"][0] < parts < 1.5 * prof["step"][0]    # medians of parts
