@@ -83,14 +83,20 @@ def test_split_op_equals_its_one_call_form(name, threads):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
 
 
-def test_attention_blocks_smaller_than_the_heads_change_nothing(threads, monkeypatch):
-    """One head per block (a tiny cache budget) against all heads in one block."""
+def test_attention_blocks_of_any_shape_change_nothing(threads, monkeypatch):
+    """Whole sequences per block, a piece starting inside a sequence (2 threads over 3 x 5
+    heads: pieces of 7 and 8), and one head per block, all against one block of everything."""
     build = OPS["attention"][0]
     whole = threads(1, lambda: forward_backward(build))
+    ragged = threads(2, lambda: forward_backward(build))
     monkeypatch.setattr(F, "_BLOCK_BYTES", 1)
-    blocked = threads(2, lambda: forward_backward(build))
-    for a, b in zip(whole, blocked):
+    single_heads = threads(2, lambda: forward_backward(build))
+    for a, b, c in zip(whole, ragged, single_heads):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(a, c, rtol=2e-6, atol=2e-6)
+    seen = [i for i in F._blocks(0, 15, 5, 10)]
+    assert seen == [(slice(0, 2),), (slice(2, 3),)]
+    assert list(F._blocks(7, 15, 5, 10)) == [(1, slice(2, 5)), (slice(2, 3),)]
 
 
 def test_lora_linear_split_equals_one_call(threads):

@@ -333,7 +333,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     columns, not Tk) and dQ, dK; and rowsum(dP * P) = rowsum(g * out), since
     sum_k (g . v_k) P_qk = g . (sum_k P_qk v_k) = g . out_q (FlashAttention's "D" term).
 
-    The work runs a few heads at a time (``_head_blocks``): one block's (h, Tq, Tk) scores stay
+    The work runs a few heads at a time (``_blocks``): one block's (h, Tq, Tk) scores stay
     in cache through all six passes (product, mask, max, exp, sum, divide) instead of streaming
     the whole (B, H, Tq, Tk) array through memory six times, and blocks are shared out over the
     CPU threads (``parallel.run``). Each block runs exactly the whole-array code below
@@ -359,17 +359,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
     out = xp.empty((B, Tq, H, D), dtype=dtype).transpose(0, 2, 1, 3)
 
     def forward_piece(lo, hi):
-        for b, h0, h1 in _head_blocks(lo, hi, H, hc):
-            s = p[b, h0:h1]                                         # (h, Tq, Tk), a view of P
-            xp.matmul(q.data[b, h0:h1] * scale, k.data[b, h0:h1].swapaxes(-1, -2), out=s)
+        for i in _blocks(lo, hi, H, hc):                            # i indexes (B, H, ...)
+            s = p[i]                                                # (..., Tq, Tk), a view of P
+            xp.matmul(q.data[i] * scale, k.data[i].swapaxes(-1, -2), out=s)
             if bias is not None:
                 s += bias
             if mask is not None:
-                xp.copyto(s, -xp.inf, where=~mask[b, h0:h1])
+                xp.copyto(s, -xp.inf, where=~mask[i])
             s -= s.max(axis=-1, keepdims=True)
             xp.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)                      # P, in place of S
-            xp.matmul(s, v.data[b, h0:h1], out=out[b, h0:h1])       # (h, Tq, D)
+            xp.matmul(s, v.data[i], out=out[i])                     # (..., Tq, D)
     par.run(forward_piece, B * H, work=B * H * Tq * Tk)
     flops = 2 * p.size * D                                          # one product's FLOPs
     counters["matmul_flops"] += 2 * flops                           # q k^T and P v
@@ -385,31 +385,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
         dv = xp.empty_like(v.data, dtype=dtype) if v.requires_grad else None
 
         def backward_piece(lo, hi):
-            for b, h0, h1 in _head_blocks(lo, hi, H, hc):
-                pb, gb = p[b, h0:h1], g[b, h0:h1]                   # (h, Tq, Tk), (h, Tq, D)
+            for i in _blocks(lo, hi, H, hc):
+                pb, gb = p[i], g[i]                                 # (..., Tq, Tk), (..., Tq, D)
                 if dv is not None:
-                    xp.matmul(pb.swapaxes(-1, -2), gb, out=dv[b, h0:h1])
+                    xp.matmul(pb.swapaxes(-1, -2), gb, out=dv[i])
                 if dq is None and dk is None:
                     continue
-                ds = gb @ v.data[b, h0:h1].swapaxes(-1, -2)         # dP (h, Tq, Tk)
-                ds -= (gb * out[b, h0:h1]).sum(axis=-1, keepdims=True)  # rowsum(dP * P)
+                ds = gb @ v.data[i].swapaxes(-1, -2)                # dP (..., Tq, Tk)
+                ds -= (gb * out[i]).sum(axis=-1, keepdims=True)     # rowsum(dP * P)
                 ds *= pb                                            # dS
                 if dq is not None:
-                    xp.matmul(ds, k.data[b, h0:h1], out=dq[b, h0:h1])
-                    dq[b, h0:h1] *= scale
+                    xp.matmul(ds, k.data[i], out=dq[i])
+                    dq[i] *= scale
                 if dk is not None:
-                    xp.matmul(ds.swapaxes(-1, -2), q.data[b, h0:h1], out=dk[b, h0:h1])
-                    dk[b, h0:h1] *= scale
+                    xp.matmul(ds.swapaxes(-1, -2), q.data[i], out=dk[i])
+                    dk[i] *= scale
                 del ds                                  # before the next block makes its own
         par.run(backward_piece, B * H, work=B * H * Tq * Tk)
         return dq, dk, dv
-    # saves P (B, H, Tq, Tk). Backward allocates the gradients, and per thread one block's dS
-    # and g * out
+    # saves P (B, H, Tq, Tk). Backward allocates the gradients, and each thread one block's dS
+    # and g * out at a time (at most hc heads; all the threads' blocks: at most B H heads)
     grads = sum(t.data.nbytes for t in (q, k, v) if t.requires_grad)
     ws = grads
     if q.requires_grad or k.requires_grad:
-        block = min(hc, H) * Tq * (Tk + D) * bk.np.dtype(dtype).itemsize
-        ws += min(par.threads(), B * H) * block
+        heads = min(min(par.threads(), B * H) * hc, B * H)
+        ws += heads * Tq * (Tk + D) * bk.np.dtype(dtype).itemsize
     return Tensor._make(out, (q, k, v), backward, "attention", saved=(p,), workspace=ws)
 
 
@@ -423,12 +423,18 @@ def _heads_per_block(Tq: int, Tk: int, itemsize: int) -> int:
     return max(1, _BLOCK_BYTES // max(1, Tq * Tk * itemsize))
 
 
-def _head_blocks(lo: int, hi: int, H: int, hc: int):
-    """(b, h0, h1) blocks of at most ``hc`` heads of one sequence b, covering the flat
-    (batch * head) indices lo..hi-1."""
+def _blocks(lo: int, hi: int, H: int, hc: int):
+    """Index tuples into (B, H, ...) arrays covering the flat (batch * head) items lo..hi-1 in
+    blocks of at most ``hc`` heads: whole sequences ``(slice(b0, b1),)`` where a block holds
+    all H heads of one or more sequences, else heads of one sequence ``(b, slice(h0, h1))``."""
     i = lo
     while i < hi:
         b, h0 = divmod(i, H)
-        h1 = min(H, h0 + hc, h0 + hi - i)
-        yield b, h0, h1
-        i += h1 - h0
+        if h0 == 0 and hc >= H and hi - i >= H:
+            nb = min(hc // H, (hi - i) // H)
+            yield (slice(b, b + nb),)
+            i += nb * H
+        else:
+            h1 = min(H, h0 + hc, h0 + hi - i)
+            yield (b, slice(h0, h1))
+            i += h1 - h0

@@ -194,7 +194,9 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
     h = xp.empty((N, r), dtype=dtype)
     y = xp.empty((N, n_out), dtype=dtype)
 
-    def forward(x2, h, y):                  # a piece of the rows (parallel.rows splits them)
+    # the rows are split over the CPU threads (parallel.rows; the readable form is one call
+    # on all rows); the thin rank-r products in backward are too small to be worth splitting
+    def forward(x2, h, y):                                          # a piece of the rows
         xp.matmul(x2, A.data.T, out=h)                              # (n, r)
         h *= s
         xp.matmul(x2, W.data.T, out=y)                              # (n, out)
@@ -209,12 +211,12 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         g2 = g.reshape(-1, n_out)                                   # (N, out)
         dx = dW = dA = dB = db = None
         if x.requires_grad or A.requires_grad:
-            gB = par.matmul(g2, B.data)                             # g2 @ B  (N, r)
+            gB = g2 @ B.data                                        # (N, r)
             counters["matmul_flops"] += flops["B"]
         if x.requires_grad:
             counters["matmul_flops"] += flops["W"] + flops["A"]
             dx = par.matmul(g2, W.data)                             # g2 @ W  (N, in)
-            dx += par.matmul(s * gB, A.data)                        # + s gB A
+            dx += (s * gB) @ A.data
             dx = dx.reshape(*lead, n_in)
         if W.requires_grad:
             counters["weight_grad_matmul"] += 1
@@ -223,11 +225,11 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         if A.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["A"]
-            dA = par.matmul((s * gB).T, x2)                         # (r, in)
+            dA = (s * gB).T @ x2                                    # (r, in)
         if B.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["B"]
-            dB = par.matmul(g2.T, h)                                # g2.T @ h  (out, r)
+            dB = g2.T @ h                                           # (out, r)
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dW, dA, dB) if b is None else (dx, dW, dA, dB, db)
