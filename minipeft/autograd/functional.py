@@ -420,6 +420,8 @@ _BLOCK_BYTES = 1 << 21
 
 
 def _heads_per_block(Tq: int, Tk: int, itemsize: int) -> int:
+    if bk.name != "numpy":              # a GPU wants few, large kernels: everything at once
+        return 1 << 30
     return max(1, _BLOCK_BYTES // max(1, Tq * Tk * itemsize))
 
 
