@@ -280,7 +280,11 @@ def run(configs=("S", "M"), methods=None, steps: int = 10, gen_tokens: int = 128
     unknown = [m for m in methods if m not in all_methods]
     if unknown:
         raise ValueError(f"bench: unknown methods {unknown}; choose from {list(all_methods)}")
-    report = {"backend": bk.name, "peaks_gflops": {}, "steps": [], "generation": []}
+    from minipeft import parallel
+
+    report = {"backend": bk.name, "threads": parallel.threads(), "peaks_gflops": {}, "steps": [],
+              "generation": []}
+    print(f"backend {bk.name}, {report['threads']} thread(s) (MINIPEFT_THREADS)", file=out)
     for name in configs:
         cfg = CONFIGS[name]
         peak = matmul_peak(cfg)
