@@ -275,7 +275,8 @@ def figure(real, flipped):
         for i, c in enumerate(CATS):
             v = np.array([real[k]["rows"][(acc, method)][c] / GB for k in real])
             ax.bar(xs + width * (4 * j + i), np.maximum(v, 1e-6), width * 0.9, color=colors[c],
-                   hatch="" if method == "full" else "//", edgecolor="k", lw=0.3)
+                   hatch="" if method == "full" else "//", edgecolor="k", lw=0.3,
+                   label=c if method == "full" else None)
     ax.set_xticks(xs + width * 3.5, [f"{PRESETS[k].name}\nfull | LoRA" for k in real],
                   fontsize=8)
     ax.set_yscale("log")
@@ -284,7 +285,8 @@ def figure(real, flipped):
     ax.axhline(PUBLISHED["lora"] / GB, color="k", ls=":", lw=1)
     ax.text(0, PUBLISHED["full"] / GB * 1.1, "LoRA paper: GPT-3 full 1.2 TB", fontsize=7)
     ax.text(0, PUBLISHED["lora"] / GB * 1.1, "LoRA paper: GPT-3 LoRA 350 GB", fontsize=7)
-    ax.set_title("Real models from the formula")
+    ax.set_title("Real models from the formula (hatched: LoRA)")
+    ax.legend(fontsize=8, loc="lower right")
 
     ax = axes[1]
     w = flipped["widths"]
