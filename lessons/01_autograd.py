@@ -49,6 +49,11 @@ builds that gradient machine from the chain rule up, then proves it op by op.
    ``gradcheck`` does this for every element of every input, and the table below runs it on
    every op in the library.
 
+The parts: (a) a scalar graph with a fan-out, its gradients by the engine against the chain
+rule by hand; (b) softmax + cross-entropy, (p - onehot)/N by hand against the library and finite
+differences; (c) every op of the library against finite differences; (d) which finite-difference
+step is most accurate (the figure's right panel).
+
 Run:  python lessons/01_autograd.py [--quick] [--seed N]
 Set MINIPEFT_BACKEND=cupy to run the same lesson on a GPU.
 """

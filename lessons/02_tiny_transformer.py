@@ -38,9 +38,11 @@ we need the model in front of us: its shapes, its pieces, and how many numbers e
    GPT-3 175B, and it does not hold. (The LoRA paper itself, Hu et al. 2021, Sec. 4.2, adapts only
    attention "for simplicity and parameter-efficiency", not because attention is the larger part.)
 
-The lesson prints the model's shapes and a parameter table per component, pretrains (or loads
-from the cache) the base model that later lessons fine-tune, plots a training-loss curve, reports
-held-out exact match per skill with a few greedy samples, and draws one attention map.
+The parts: (a) the model's shapes, parameter by parameter and through one forward pass; (b) a
+parameter table per component, counted on the model and by the calculator; (c) the base model
+that later lessons fine-tune, pretrained once and cached, and a fresh run's training-loss curve;
+(d) held-out exact match per skill; (e) a few greedy samples; (f) one attention map, recomputed
+by hand; (g) where the parameters are in real transformers.
 
 Run:  python lessons/02_tiny_transformer.py [--quick] [--seed N]
 """
