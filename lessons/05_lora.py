@@ -433,7 +433,6 @@ def claim_comparable(ctx, runs: dict, target_runs: dict) -> dict:
               "cannot touch.\n    The LoRA paper's claim "
               "is about much larger models trained to convergence; it is not contradicted here,"
               "\n    but not reproduced at this scale and budget.")
-
     return {"verdicts": verdicts, "held": held, "held_any": held_any, "comparable": comps,
             "seed_token_acc": acc}
 

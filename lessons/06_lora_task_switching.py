@@ -182,7 +182,6 @@ def reload_both(trained, chosen, base, folder: Path, evals) -> tuple:
           + ", ".join(f"{n}: {v:.1e}" for n, v in reload_diff.items())
           + "\n    (the same float32 numbers through the same operations: the task-specific "
           "fine-tunes, reproduced)")
-
     return served, reload_diff
 
 
@@ -210,7 +209,6 @@ def right_wrong_none(served, chosen, evals) -> tuple:
           + ("beats none by more than 5 points on: " + ", ".join(wrong_helps) if wrong_helps
              else "is no better than none") + ":\n    an adapter is a task-specific edit, not a "
           "general improvement.")
-
     return accuracy, right_wins
 
 
@@ -258,7 +256,6 @@ def switch_by_merge(served, chosen, evals) -> tuple:
              f"{SWITCH_CYCLES} cycles): a server that\n    switches often should restore W0 "
              "from its file now and then." if drift_cycles > 2 * drift_one else
              "; it did not grow over the cycles."))
-
     return merge, drift_cycles, same_params
 
 
@@ -298,7 +295,6 @@ def mixed_batch(served, chosen, evals) -> tuple:
           f"{MIXED_ROWS}\n    max |mixed logits - each row run alone with its adapter| = "
           f"{mixed_diff:.1e}; same predictions: {same_pred}\n    greedy KV-cached generation "
           f"of {len(keep)} of those rows in one call vs one by one: identical tokens: {gen_same}")
-
     return mixed_diff, same_pred, gen_same
 
 
@@ -350,7 +346,6 @@ def generation_speed(served, base, chosen, evals, reps: int) -> dict:
           "two thin matmuls, a scale and an add, each a separate array operation.")
     print(f"    Merged runs at the base's speed (within {SAME_SPEED:.0%}): {at_base} "
           f"(measured {med['merged'] / med['base']:.2f}x).")
-
     return {"med": med, "flops": flops, "times": times, "same_tokens": same_tokens,
             "at_base": at_base}
 
@@ -368,7 +363,6 @@ def claim(sizes, chosen, reload_diff, right_wins, same_pred) -> bool:
     held = (right_wins and same_pred and max(sizes[n] for n in chosen) < 0.1 * sizes["base"]
             and max(reload_diff.values()) < 1e-5)
     print("    The claim " + ("held here." if held else "did not fully hold here (see above)."))
-
     return held
 
 

@@ -326,7 +326,6 @@ def inference(models, base, ctx) -> dict:
     print("    At this size a token's time is mostly the fixed cost of each op, not its "
           "arithmetic, so latency\n    counts ops: every unmerged branch adds several per "
           "block; a merged one adds none.")
-
     return {"sizes": sizes, "merge_diff": merge_diff, "plain_diff": plain_diff, "flops": flops,
             "lat": lat, "lat_median": lat_median, "noise": noise, "threshold": threshold}
 
