@@ -49,16 +49,18 @@ builds that gradient machine from the chain rule up, then proves it op by op.
    ``gradcheck`` does this for every element of every input, and the table below runs it on
    every op in the library.
 
+The parts: (a) a scalar graph with a fan-out, its gradients by the engine against the chain
+rule by hand; (b) softmax + cross-entropy, (p - onehot)/N by hand against the library and finite
+differences; (c) every op of the library against finite differences; (d) which finite-difference
+step is most accurate (the figure's right panel).
+
 Run:  python lessons/01_autograd.py [--quick] [--seed N]
 Set MINIPEFT_BACKEND=cupy to run the same lesson on a GPU.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -67,6 +69,7 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: the hand-derived references and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import (
     Tensor,
     attention,
@@ -83,7 +86,7 @@ from minipeft.autograd import (
     softmax,
 )
 
-SEED = 0
+MASK_SEED = 0         # dropout's mask in (c), the same for every evaluation gradcheck makes
 TRIALS = 3            # random inputs per op in the table (the worst one is reported)
 QUICK_TRIALS = 1
 SIZE = 3              # side length of the test tensors
@@ -226,7 +229,7 @@ def op_cases(rng, n: int) -> list:
         ("cross_entropy", lambda x: cross_entropy(x, targets), [r(2, n, V)]),
         ("layer_norm", layer_norm, [r(n, T), r(T), r(T)]),
         ("embedding", lambda w: embedding(w, ids), [r(V, n)]),
-        ("dropout", lambda x: dropout(x, 0.5, True, rng=bk.device_rng(SEED)), [r(n, T)]),
+        ("dropout", lambda x: dropout(x, 0.5, True, rng=bk.device_rng(MASK_SEED)), [r(n, T)]),
         ("attention", attention, [r(1, 2, n, 2), r(1, 2, T, 2), r(1, 2, T, 2)]),  # Tq < Tk
     ]
 
@@ -256,9 +259,10 @@ def every_op(rng, n: int, trials: int) -> dict:
     return results
 
 
-# --------------------------------------------------------------------------- (d) the figure
+# --------------------------------------------------------------------------- (d) the step size
 def eps_sweep(x0: float = 0.5) -> np.ndarray:
-    """Error of the central difference of tanh at x0, for each step in EPS_SWEEP."""
+    """Which step should a finite difference take? The error of the central difference of tanh
+    at x0, for each step in EPS_SWEEP, against the exact derivative 1 - tanh²."""
     exact = 1 - np.tanh(x0) ** 2
     errs = []
     with no_grad():
@@ -266,10 +270,16 @@ def eps_sweep(x0: float = 0.5) -> np.ndarray:
             up = ops.tanh(leaf(x0 + eps)).item()
             down = ops.tanh(leaf(x0 - eps)).item()
             errs.append(abs((up - down) / (2 * eps) - exact))
-    return np.maximum(np.array(errs), 1e-17)
+    sweep = np.maximum(np.array(errs), 1e-17)
+    best = EPS_SWEEP[int(np.argmin(sweep))]
+    print(f"\n(d) Central differences are most accurate near eps = {best:.0e} "
+          f"(error {sweep.min():.0e}); too small a step drowns in rounding.")
+    return sweep
 
 
-def save_figure(results: dict, sweep: np.ndarray, path: Path) -> None:
+# --------------------------------------------------------------------------- the figure
+def figure(results: dict, sweep: np.ndarray):
+    """(c) every op's worst gradient error, (d) the error of central differences vs the step."""
     names = list(results)
     errs = np.array([max(results[k]["max_abs_err"], 1e-17) for k in names])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -288,17 +298,13 @@ def save_figure(results: dict, sweep: np.ndarray, path: Path) -> None:
     ax2.set_ylabel("|central difference - exact derivative|")
     ax2.set_title("d tanh(x)/dx at x = 0.5: truncation O(eps²)\nvs rounding O(1e-16/eps)")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller inputs, one trial per op")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
+    args = lessonkit.arguments(__doc__, quick="smaller inputs, one trial per op").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     rng = np.random.default_rng(args.seed)
     n, trials = (QUICK_SIZE, QUICK_TRIALS) if args.quick else (SIZE, TRIALS)
     print(f"Lesson 01: reverse-mode autodiff (backend: {bk.name}, seed {args.seed})")
@@ -309,14 +315,8 @@ def main(argv=None) -> dict:
     results = every_op(rng, n, trials)
     sweep = eps_sweep()
 
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(results, sweep, path)
-    best = EPS_SWEEP[int(np.argmin(sweep))]
-    print(f"\n(d) Central differences are most accurate near eps = {best:.0e} "
-          f"(error {sweep.min():.0e}); too small a step drowns in rounding.")
-    print(f"    figure saved to {path}")
+    path = lessonkit.save_figure(figure(results, sweep), OUT_NAME)
+    print(f"    figure saved to {path}  ({clock.seconds():.0f} s in all)")
     return {"scalar_max_abs_diff": scalar_diff, "softmax_ce": ce, "ops": results,
             "eps_sweep": dict(zip(EPS_SWEEP.tolist(), sweep.tolist())), "figure": str(path)}
 

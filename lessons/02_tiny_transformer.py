@@ -38,20 +38,18 @@ we need the model in front of us: its shapes, its pieces, and how many numbers e
    GPT-3 175B, and it does not hold. (The LoRA paper itself, Hu et al. 2021, Sec. 4.2, adapts only
    attention "for simplicity and parameter-efficiency", not because attention is the larger part.)
 
-The lesson prints the model's shapes and a parameter table per component, pretrains (or loads
-from the cache) the base model that later lessons fine-tune, plots a training-loss curve, reports
-held-out exact match per skill with a few greedy samples, and draws one attention map.
+The parts: (a) the model's shapes, parameter by parameter and through one forward pass; (b) a
+parameter table per component, counted on the model and by the calculator; (c) the base model
+that later lessons fine-tune, pretrained once and cached, and a fresh run's training-loss curve;
+(d) held-out exact match per skill; (e) a few greedy samples; (f) one attention map, recomputed
+by hand; (g) where the parameters are in real transformers.
 
 Run:  python lessons/02_tiny_transformer.py [--quick] [--seed N]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import time
-from pathlib import Path
 
 import matplotlib
 
@@ -60,39 +58,28 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import Tensor, no_grad, softmax
 from minipeft.autograd.functional import causal_bias
 from minipeft.base import RECIPES, load_base
 from minipeft.data import TaskMixture, decode, make_examples
 from minipeft.nn import GPT, generate
 from minipeft.params import PRESETS, count_parameters, spec_from_config
+from minipeft.peft.selective import component_of
 from minipeft.train import TrainConfig, evaluate_lm, train
 
-SEED = 0
 CURVE_STEPS = 200          # steps of the fresh run whose loss curve is plotted
 QUICK_CURVE_STEPS = 60
 SAMPLES_PER_TASK = 2       # greedy samples printed per skill
 ATTENTION_TASK = "reverse"  # the skill whose attention map is drawn (a base skill)
-COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
+COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")   # the order of the tables
 REAL_MODELS = ("gpt2-124m", "llama2-7b", "gpt3-175b")
 OUT_NAME = "02_tiny_transformer.png"
 
 
-def component_of(name: str) -> str:
-    """Which component a parameter name belongs to (names as in DESIGN.md)."""
-    if name.startswith(("tok_emb.", "pos_emb.")):
-        return "embeddings"
-    if ".attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    if name.startswith("ln_f.") or ".ln_" in name:
-        return "norms"
-    return "head"                                                   # lm_head, cls_head
-
-
 # --------------------------------------------------------------------------- (a) shapes
 def print_shapes(model: GPT) -> None:
+    """What is in the model? Every parameter's shape, and the shapes one forward pass makes."""
     cfg = model.config
     C, H = cfg.n_embd, cfg.n_head
     B, T, D = 2, cfg.block_size, C // H
@@ -118,14 +105,12 @@ def print_shapes(model: GPT) -> None:
 
 
 # --------------------------------------------------------------------------- (b) counting
-def our_components(model: GPT) -> dict:
+def print_components(model: GPT) -> tuple[dict, dict]:
+    """Where are our model's parameters? Each parameter credited to its component by name
+    (``component_of``, the function selective fine-tuning uses), beside the calculator."""
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():
         counts[component_of(name)] += p.size
-    return counts
-
-
-def print_components(model: GPT, counts: dict) -> dict:
     calc = count_parameters(spec_from_config(model.config))
     total = model.num_parameters()
     print(f"\n(b) Where our model's {total:,} parameters are\n")
@@ -136,33 +121,10 @@ def print_components(model: GPT, counts: dict) -> dict:
         print(f"    {c:<11} {counts[c]:>9,} {calc[c]:>11,} {counts[c] / total:>7.1%}{note}")
     print(f"    {'total':<11} {sum(counts.values()):>9,} {calc['total']:>11,}")
     print(f"    MLP / attention = {counts['mlp'] / counts['attention']:.2f}")
-    return calc
+    return counts, calc
 
 
-def real_models() -> dict:
-    print("\n(g) Where are the parameters in real transformers? (from the architecture alone)\n")
-    print(f"    {'model':<12} {'total':>8} {'embed':>7} {'attention':>10} {'MLP':>7} "
-          f"{'norms':>6} {'head':>6} {'MLP/attn':>9}")
-    out = {}
-    for key in REAL_MODELS:
-        spec = PRESETS[key]
-        c = count_parameters(spec)
-        share = {k: c[k] / c["total"] for k in COMPONENTS}
-        ratio = c["mlp"] / c["attention"]
-        out[key] = {**c, "share": share, "mlp_over_attention": ratio,
-                    "attention_is_majority": c["attention"] > c["total"] / 2}
-        print(f"    {spec.name:<12} {c['total'] / 1e9:>7.3f}B {share['embeddings']:>7.1%} "
-              f"{share['attention']:>10.1%} {share['mlp']:>7.1%} {share['norms']:>6.2%} "
-              f"{share['head']:>6.1%} {ratio:>9.2f}")
-    biggest = max(out[k]["share"]["attention"] for k in out)
-    print(f"\n    The claim 'most parameters are in attention' does not hold: attention holds at "
-          f"most {biggest:.0%}\n    of any of these models, and the MLP about twice as much as "
-          "attention in every one.\n    Applying LoRA to attention only is a design choice; "
-          "it is not where most of the weights are.")
-    return out
-
-
-# --------------------------------------------------------------------------- (c-e) training
+# --------------------------------------------------------------------------- (c) the base
 def loss_curve(recipe, seed: int, steps: int, progress: bool) -> tuple[GPT, list, float]:
     """A fresh model of the base's config, trained with the base recipe's settings for
     ``steps`` steps (cosine schedule over those steps): its per-step training loss."""
@@ -175,10 +137,39 @@ def loss_curve(recipe, seed: int, steps: int, progress: bool) -> tuple[GPT, list
     return model, result.losses, result.seconds
 
 
-def held_out(model: GPT, mix: TaskMixture, tasks, n: int) -> dict:
-    return {t: evaluate_lm(model, *mix.eval_set(t, n))["exact_match"] for t in tasks}
+def the_base(recipe, kind: str, seed: int, quick: bool) -> tuple:
+    """Does pretraining work? The cached base's last loss, and a fresh model of the same config
+    trained a few steps with the same recipe, since the cache keeps weights, not a curve."""
+    print(f"\n(c) The base model (load_base({kind!r}): pretrained once, then cached)")
+    base, info = load_base(kind, seed=seed, progress=not quick)
+    print(f"    {info['steps']} steps, final training loss {info['final_loss']:.4f}")
+    steps = QUICK_CURVE_STEPS if quick else CURVE_STEPS
+    print(f"    The cache keeps weights, not a loss curve, so a fresh model of the same config "
+          f"is trained\n    for {steps} steps with the same recipe to show how the loss falls.")
+    fresh, losses, secs = loss_curve(recipe, seed, steps, progress=not quick)
+    print(f"    fresh run: loss {np.mean(losses[:10]):.3f} (first 10 steps) -> "
+          f"{np.mean(losses[-10:]):.3f} (last 10) in {secs:.0f} s")
+    return base, info, fresh, losses, steps
 
 
+# --------------------------------------------------------------------------- (d) held out
+def held_out(base: GPT, fresh: GPT, recipe, info: dict, steps: int, seed: int) -> tuple:
+    """Did the models learn the skills, or the training rows? Exact match on inputs never
+    trained on, per skill, for the cached base and the short fresh run."""
+    mix = TaskMixture(list(recipe.tasks), seed=seed, length=recipe.length)
+    n = recipe.eval_examples
+    base_em, fresh_em = ({t: evaluate_lm(m, *mix.eval_set(t, n))["exact_match"]
+                          for t in recipe.tasks} for m in (base, fresh))
+    print(f"\n(d) Held-out exact match ({n} inputs per skill never trained "
+          "on; a row counts only if every answer token is right)\n")
+    print(f"    {'skill':<9} {'base (' + str(info['steps']) + ' steps)':>18} "
+          f"{'fresh (' + str(steps) + ' steps)':>18}")
+    for t in recipe.tasks:
+        print(f"    {t:<9} {base_em[t]:>18.1%} {fresh_em[t]:>18.1%}")
+    return base_em, fresh_em
+
+
+# --------------------------------------------------------------------------- (e) samples
 def greedy_samples(model: GPT, recipe, seed: int, per_task: int) -> list:
     """Held-out prompts ``<task> input =``, continued greedily for the answer's length."""
     print("\n(e) Greedy samples on held-out inputs\n")
@@ -248,9 +239,53 @@ def mirror_head(maps: list, eq: int) -> dict:
     return best
 
 
+def attention_part(base: GPT, recipe, seed: int) -> tuple:
+    """Is the attention what the formula says, and does a head do something readable? One held-out
+    row of ATTENTION_TASK through the base, the maps recomputed by hand."""
+    example = make_examples(ATTENTION_TASK, 1, seed, length=recipe.length, split="eval")
+    row = example.tokens[0, :int(np.argmax(example.answer_mask[0])) + int(
+        example.answer_mask[0].sum())]                             # drop the padding
+    maps, attn = attention_maps(base, row.tolist())
+    best = mirror_head(maps, eq=int(np.argmax(example.answer_mask[0])) - 1)
+    print(f"\n(f) Attention recomputed by hand from q_proj and k_proj: largest weight above the "
+          f"diagonal {attn['upper_max']:.1e}\n    (the causal mask), rows sum to 1 within "
+          f"{attn['row_sum_err']:.0e}, and P v through o_proj equals the model's own\n    "
+          f"attention output within {attn['recompute_diff']:.0e}. On a '{ATTENTION_TASK}' row, "
+          f"layer {best['layer']} head {best['head']} puts {best['score']:.0%} of each\n    "
+          f"answer position's attention on the prompt letter it must output next "
+          f"(chance: {best['chance']:.0%}).")
+    return maps, attn, best, row.tolist()
+
+
+# --------------------------------------------------------------------------- (g) real models
+def real_models() -> dict:
+    """Is 'most parameters are in attention' true of real transformers? The calculator on
+    GPT-2, LLaMA-2-7B and GPT-3 175B, from their architectures alone."""
+    print("\n(g) Where are the parameters in real transformers? (from the architecture alone)\n")
+    print(f"    {'model':<12} {'total':>8} {'embed':>7} {'attention':>10} {'MLP':>7} "
+          f"{'norms':>6} {'head':>6} {'MLP/attn':>9}")
+    out = {}
+    for key in REAL_MODELS:
+        spec = PRESETS[key]
+        c = count_parameters(spec)
+        share = {k: c[k] / c["total"] for k in COMPONENTS}
+        ratio = c["mlp"] / c["attention"]
+        out[key] = {**c, "share": share, "mlp_over_attention": ratio,
+                    "attention_is_majority": c["attention"] > c["total"] / 2}
+        print(f"    {spec.name:<12} {c['total'] / 1e9:>7.3f}B {share['embeddings']:>7.1%} "
+              f"{share['attention']:>10.1%} {share['mlp']:>7.1%} {share['norms']:>6.2%} "
+              f"{share['head']:>6.1%} {ratio:>9.2f}")
+    biggest = max(out[k]["share"]["attention"] for k in out)
+    print(f"\n    The claim 'most parameters are in attention' does not hold: attention holds at "
+          f"most {biggest:.0%}\n    of any of these models, and the MLP about twice as much as "
+          "attention in every one.\n    Applying LoRA to attention only is a design choice; "
+          "it is not where most of the weights are.")
+    return out
+
+
 # --------------------------------------------------------------------------- the figure
-def save_figure(counts, real, losses, curve_steps, base_info, maps, best, tokens,
-                path: Path) -> None:
+def figure(counts, real, losses, curve_steps, base_info, maps, best, tokens):
+    """Our components, real models' shares, the loss curve, and one attention map."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     ax = axes[0, 0]
     ax.bar(COMPONENTS, [counts[c] for c in COMPONENTS], color="tab:blue")
@@ -296,68 +331,29 @@ def save_figure(counts, real, losses, curve_steps, base_info, maps, best, tokens
     ax.set_title(f"Layer {best['layer']}, head {best['head']}, one '{ATTENTION_TASK}' row: "
                  f"answers read the mirrored\nletter ({best['score']:.0%} of their attention); "
                  "causal: 0 above the diagonal", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny quick base, short curve")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args = lessonkit.arguments(__doc__, quick="the tiny quick base, short curve").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     kind = "quick" if args.quick else "default"
     recipe = RECIPES[kind]
     print(f"Lesson 02: the tiny transformer ({kind} base, backend: {bk.name}, seed {args.seed})")
 
     shape_model = GPT(recipe.gpt_config(), seed=args.seed)
     print_shapes(shape_model)
-    counts = our_components(shape_model)
-    calc = print_components(shape_model, counts)
-
-    print(f"\n(c) The base model (load_base({kind!r}): pretrained once, then cached)")
-    base, info = load_base(kind, seed=args.seed, progress=not args.quick)
-    print(f"    {info['steps']} steps, final training loss {info['final_loss']:.4f}")
-    steps = QUICK_CURVE_STEPS if args.quick else CURVE_STEPS
-    print(f"    The cache keeps weights, not a loss curve, so a fresh model of the same config "
-          f"is trained\n    for {steps} steps with the same recipe to show how the loss falls.")
-    fresh, losses, secs = loss_curve(recipe, args.seed, steps, progress=not args.quick)
-    print(f"    fresh run: loss {np.mean(losses[:10]):.3f} (first 10 steps) -> "
-          f"{np.mean(losses[-10:]):.3f} (last 10) in {secs:.0f} s")
-
-    mix = TaskMixture(list(recipe.tasks), seed=args.seed, length=recipe.length)
-    base_em = held_out(base, mix, recipe.tasks, recipe.eval_examples)
-    fresh_em = held_out(fresh, mix, recipe.tasks, recipe.eval_examples)
-    print(f"\n(d) Held-out exact match ({recipe.eval_examples} inputs per skill never trained "
-          "on; a row counts only if every answer token is right)\n")
-    print(f"    {'skill':<9} {'base (' + str(info['steps']) + ' steps)':>18} "
-          f"{'fresh (' + str(steps) + ' steps)':>18}")
-    for t in recipe.tasks:
-        print(f"    {t:<9} {base_em[t]:>18.1%} {fresh_em[t]:>18.1%}")
-
+    counts, calc = print_components(shape_model)
+    base, info, fresh, losses, steps = the_base(recipe, kind, args.seed, args.quick)
+    base_em, fresh_em = held_out(base, fresh, recipe, info, steps, args.seed)
     samples = greedy_samples(base, recipe, args.seed, SAMPLES_PER_TASK)
-    example = make_examples(ATTENTION_TASK, 1, args.seed, length=recipe.length, split="eval")
-    row = example.tokens[0, :int(np.argmax(example.answer_mask[0])) + int(
-        example.answer_mask[0].sum())]                             # drop the padding
-    maps, attn = attention_maps(base, row.tolist())
-    best = mirror_head(maps, eq=int(np.argmax(example.answer_mask[0])) - 1)
-    print(f"\n(f) Attention recomputed by hand from q_proj and k_proj: largest weight above the "
-          f"diagonal {attn['upper_max']:.1e}\n    (the causal mask), rows sum to 1 within "
-          f"{attn['row_sum_err']:.0e}, and P v through o_proj equals the model's own\n    "
-          f"attention output within {attn['recompute_diff']:.0e}. On a '{ATTENTION_TASK}' row, "
-          f"layer {best['layer']} head {best['head']} puts {best['score']:.0%} of each\n    "
-          f"answer position's attention on the prompt letter it must output next "
-          f"(chance: {best['chance']:.0%}).")
-
+    maps, attn, best, row = attention_part(base, recipe, args.seed)
     real = real_models()
 
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(counts, real, losses, steps, info, maps, best, row.tolist(), path)
-    seconds = time.perf_counter() - start
+    path = lessonkit.save_figure(figure(counts, real, losses, steps, info, maps, best, row),
+                                 OUT_NAME)
+    seconds = clock.seconds()
     print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
     return {"kind": kind, "config": shape_model.config.to_dict(), "components": counts,
             "num_parameters": shape_model.num_parameters(), "calculator": calc,

@@ -39,11 +39,8 @@ Run:  python lessons/04_selective.py [--quick] [--seed N]
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -52,18 +49,17 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: the bit-identical check, tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import no_grad
 from minipeft.base import load_base
 from minipeft.data import TaskMixture
 from minipeft.memory import measure_step
-from minipeft.nn import GPT
 from minipeft.optim import AdamW
 from minipeft.params import PRESETS, count_parameters, lora_parameter_count, spec_from_config
 from minipeft.peft import SelectiveConfig, bitfit, full_finetuning, get_peft_model, last_blocks
 from minipeft.train import TrainConfig, evaluate_lm, train
 from minipeft.verdicts import differs, spread
 
-SEED = 0
 TASK = "sort"                      # not one of the base's skills
 STEPS, QUICK_STEPS = 200, 25       # the same for every variant and learning rate
 BATCH, QUICK_BATCH = 32, 16
@@ -98,14 +94,15 @@ def variants(calibration) -> dict:
     }
 
 
-def fresh(base_cfg, state, config, seed: int):
-    base = GPT(base_cfg)
-    base.load_state_dict(state)
-    return get_peft_model(base, config, seed=seed)
+def fresh(base, config, seed: int):
+    """A fresh copy of the base with ``config`` applied: every run starts from the same weights."""
+    return get_peft_model(lessonkit.fresh_copy(base), config, seed=seed)
 
 
 # --------------------------------------------------------------------------- (a) counts
 def print_counts(models: dict) -> dict:
+    """What does each variant train? Counted on the models themselves (a mask counts only its
+    True entries)."""
     print("\n(a) The variants: what trains (counted on the model; masks count only their True "
           "entries)\n")
     print(f"    {'variant':<15} {'trainable':>9} {'%':>7} {'tensors':>8} {'masked':>7}")
@@ -155,7 +152,9 @@ def selective_configs(L: int) -> dict:
     return out
 
 
-def fifteen_to_twenty(base: GPT) -> dict:
+def fifteen_to_twenty(base) -> dict:
+    """Which selective choices train 15-20% of the weights? The calculator on our base (checked
+    against SelectiveConfig.selected()) and on GPT-2 124M."""
     ours = choice_counts(spec_from_config(base.config, "our base"))
     params = dict(base.named_parameters())
     real = {name: sum(params[n].size for n in cfg.selected(base))
@@ -200,20 +199,23 @@ def quality(model, x, y) -> dict:
     return out
 
 
-def train_all(base_cfg, state, specs, mix, eval_xy, steps, batch, seed) -> dict:
+def train_all(ctx, specs) -> dict:
+    """Does the subset learn the new task? Every variant trains the same steps at each of its two
+    learning rates; the lower held-out loss is kept."""
+    mix, eval_xy, steps, batch = ctx["mix"], ctx["eval"], ctx["steps"], ctx["batch"]
     print(f"\n(c) Fine-tuning on '{TASK}': {steps} steps of batch {batch} for every variant and "
           f"learning rate; on {len(eval_xy[0])} unseen\n    inputs: exact match (every answer "
           "token right), answer-token accuracy and loss\n")
     print(f"    {'variant':<15} {'lr':>7} {'exact match':>11} {'token acc':>9} {'loss':>7} "
           f"{'seconds':>8}")
-    before = quality(fresh(base_cfg, state, full_finetuning(), seed), *eval_xy)
+    before = quality(fresh(ctx["base"], full_finetuning(), ctx["seed"]), *eval_xy)
     print(f"    {'(base, step 0)':<15} {'-':>7} {before['exact_match']:>11.1%} "
           f"{before['token_acc']:>9.1%} {before['loss']:>7.3f}")
     runs = {"_before": before}
     for name, (config, lrs) in specs.items():
         tried = []
         for lr in lrs:
-            model = fresh(base_cfg, state, config, seed)
+            model = fresh(ctx["base"], config, ctx["seed"])
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, progress=False)
             t = time.perf_counter()
             try:
@@ -233,6 +235,8 @@ def train_all(base_cfg, state, specs, mix, eval_xy, steps, batch, seed) -> dict:
 
 # --------------------------------------------------------------------------- (d) frozen check
 def frozen_check(models: dict, state: dict) -> dict:
+    """Did training touch only what it should? Every trained weight against the base's, exactly,
+    element by element."""
     print("\n(d) Did every frozen or masked-out element stay bit-identical? (trained weights vs "
           "the base's, compared exactly)\n")
     print(f"    {'variant':<15} {'frozen elements':>15} {'changed':>8} {'trainable':>10} "
@@ -290,6 +294,8 @@ def step_times(models: dict, x, y, reps: int) -> dict:
 
 
 def memory_and_time(models: dict, x, y, reps: int) -> dict:
+    """What does one step cost each variant? Memory by ``measure_step``; time split into
+    forward+backward and the update, on untrained copies."""
     print(f"\n(e) One training step (batch {x.shape[0]} x {x.shape[1]} tokens): memory "
           f"measured by measure_step, MiB; time, median of {reps}\n    steps per variant on "
           "untrained copies, the variants taking turns (a shared CPU's speed drifts; taking\n"
@@ -319,6 +325,8 @@ def memory_and_time(models: dict, x, y, reps: int) -> dict:
 
 
 def mask_cost(mem: dict, counts: dict) -> dict:
+    """What does an element mask save? Its gradient bytes, optimizer bytes and times against
+    full fine-tuning's."""
     full = mem["full"]
     print(f"\n(f) What the element mask costs (each mask trains {MASK_FRACTION:.0%} of every "
           "tensor):\n")
@@ -353,26 +361,38 @@ def mask_cost(mem: dict, counts: dict) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- summary, figure
-def reseed(name, specs, base_cfg, state, task_len, eval_xy, steps, batch, seed) -> list:
-    """Held-out losses of variant ``name`` at its chosen lr over EXTRA_SEEDS more seeds (mask
-    or init and batch order change); the first seed's run is not repeated. ``specs[name]`` is
-    (config, unused, lr)."""
-    config = specs[name][0]
+# --------------------------------------------------------------------------- the verdict
+def reseed(ctx, config, lr) -> list:
+    """Held-out losses of ``config`` at ``lr`` over EXTRA_SEEDS more seeds (mask or init and
+    batch order change); the first seed's run is not repeated."""
     out = []
-    for s in range(seed + 1, seed + 1 + EXTRA_SEEDS):
-        model = fresh(base_cfg, state, config, s)
-        mix = TaskMixture([TASK], seed=1000 + s, length=task_len)
+    for s in range(ctx["seed"] + 1, ctx["seed"] + 1 + EXTRA_SEEDS):
+        model = fresh(ctx["base"], config, s)
+        mix = TaskMixture([TASK], seed=1000 + s, length=ctx["length"])
         try:
-            train(model, mix.sample, TrainConfig(steps=steps, batch_size=batch,
-                                                 lr=specs[name][2], progress=False))
-            out.append(evaluate_lm(model, *eval_xy)["loss"])
+            train(model, mix.sample, TrainConfig(steps=ctx["steps"], batch_size=ctx["batch"],
+                                                 lr=lr, progress=False))
+            out.append(evaluate_lm(model, *ctx["eval"])["loss"])
         except FloatingPointError:
             out.append(float("inf"))
     return out
 
 
-def summary(counts, runs, mem, before, steps, seeded=None) -> dict:
+def summary(ctx, specs, counts, runs, mem, before) -> dict:
+    """Is quality "mixed"? The first seed's largest inversion (fewer parameters, lower loss) and
+    full fine-tuning are trained again at more seeds; a verdict is printed only beyond the
+    spread of those seeds (and MARGIN)."""
+    steps = ctx["steps"]
+    best = {n: r["best"] for n, r in runs.items()}
+    pct = {n: counts[n]["pct"] for n in best}
+    pairs = [(best[j]["loss"] - best[i]["loss"], i, j) for i in best for j in best
+             if pct[i] < pct[j] and best[i]["loss"] < best[j]["loss"]]
+    again = ["full"] + ([n for n in max(pairs)[1:] if n != "full"] if pairs else [])
+    print(f"\n    More seeds ({EXTRA_SEEDS}) for the runs the verdicts compare: "
+          f"{', '.join(again)}, each at its chosen lr")
+    seeded = {n: [best[n]["loss"]] + reseed(ctx, specs[n][0], best[n]["lr"]) for n in again}
+    if pairs:
+        seeded["_pair"] = max(pairs)[1:]
     print("\n    Summary (best of the two learning rates by held-out loss):\n")
     print(f"    {'variant':<15} {'trainable':>9} {'lr':>7} {'exact':>7} {'tok acc':>7} "
           f"{'loss':>7} {'grads+opt MiB':>13} {'peak MiB':>8} {'step ms':>8}")
@@ -382,8 +402,6 @@ def summary(counts, runs, mem, before, steps, seeded=None) -> dict:
               f"{b['exact_match']:>7.1%} {b['token_acc']:>7.1%} {b['loss']:>7.3f} "
               f"{(r['gradients'] + r['optimizer']) / MiB:>13.3f} {r['peak'] / MiB:>8.3f} "
               f"{r['fwd_bwd_ms'] + r['update_ms']:>8.1f}")
-    best = {n: runs[n]["best"] for n in counts}
-    seeded = seeded or {}
     losses = {n: seeded.get(n, [best[n]["loss"]]) for n in best}     # every seed's loss
     full, full_sd = spread(losses["full"])
     tol = max(0.1 * full, full_sd)                                    # 10%, or full's own noise
@@ -398,7 +416,6 @@ def summary(counts, runs, mem, before, steps, seeded=None) -> dict:
         print(f"    Whole strings are still rarely right after {steps} steps (best exact match "
               f"{top_em:.1%}); sort needs more training\n    than this lesson's budget, so the "
               "loss and token accuracy carry the comparison.")
-    pct = {n: counts[n]["pct"] for n in best}
     pair = seeded.get("_pair")
     inversion = None
     if pair:
@@ -422,7 +439,9 @@ def summary(counts, runs, mem, before, steps, seeded=None) -> dict:
             "inversion": inversion, "losses": losses}
 
 
-def save_figure(counts, runs, mem, band, path: Path) -> None:
+# --------------------------------------------------------------------------- the figure
+def figure(counts, runs, mem, band):
+    """Quality vs trainable %, the memory of a step, its time, and the 15-20% band."""
     names = list(counts)
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
 
@@ -476,62 +495,38 @@ def save_figure(counts, runs, mem, band, path: Path) -> None:
     ax.set_xlabel("trainable parameters (%)")
     ax.set_title("Which selective choices train 15-20% (orange: inside)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny quick base, few steps")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args = lessonkit.arguments(__doc__, quick="the tiny quick base, few steps").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     kind = "quick" if args.quick else "default"
     steps, batch = (QUICK_STEPS, QUICK_BATCH) if args.quick else (STEPS, BATCH)
     n_eval = QUICK_EVAL if args.quick else EVAL_EXAMPLES
     print(f"Lesson 04: selective fine-tuning ({kind} base, task '{TASK}', backend {bk.name}, "
           f"seed {args.seed})")
     base, info = load_base(kind, seed=args.seed, progress=not args.quick)
-    state = {k: v.copy() for k, v in base.state_dict().items()}
     mix = TaskMixture([TASK], seed=1000 + args.seed, length=info["length"])
-    eval_xy = mix.eval_set(TASK, n_eval)
-    calibration = tuple(mix.sample(batch) for _ in range(CALIBRATION_BATCHES))
-    specs = variants(calibration)
+    ctx = {"base": base, "mix": mix, "eval": mix.eval_set(TASK, n_eval), "steps": steps,
+           "batch": batch, "seed": args.seed, "length": info["length"]}
+    specs = variants(tuple(mix.sample(batch) for _ in range(CALIBRATION_BATCHES)))
 
-    untrained = {n: fresh(base.config, state, c, args.seed) for n, (c, _) in specs.items()}
+    untrained = {n: fresh(base, c, args.seed) for n, (c, _) in specs.items()}
     counts = print_counts(untrained)
     band = fifteen_to_twenty(base)
-    runs = train_all(base.config, state, specs, mix, eval_xy, steps, batch, args.seed)
+    runs = train_all(ctx, specs)
     before = runs.pop("_before")
-    models = {n: r["best"]["model"] for n, r in runs.items()}
-    for r in runs.values():
-        del r["best"]["model"]
-    frozen = frozen_check(models, state)
-
+    models = {n: r["best"].pop("model") for n, r in runs.items()}
+    frozen = frozen_check(models, base.state_dict())
     x, y = (bk.asarray(a) for a in mix.sample(batch))
     mem = memory_and_time(untrained, x, y, TIMING_REPS)
     cost = mask_cost(mem, counts)
-    best = {n: r["best"] for n, r in runs.items()}
-    pct = {n: counts[n]["pct"] for n in best}
-    pairs = [(best[j]["loss"] - best[i]["loss"], i, j) for i in best for j in best
-             if pct[i] < pct[j] and best[i]["loss"] < best[j]["loss"]]
-    chosen = {n: (specs[n][0], None, best[n]["lr"]) for n in best}
-    again = ["full"] + ([n for n in max(pairs)[1:] if n != "full"] if pairs else [])
-    print(f"\n    More seeds ({EXTRA_SEEDS}) for the runs the verdicts compare: "
-          f"{', '.join(again)}, each at its chosen lr")
-    seeded = {n: [best[n]["loss"]] + reseed(n, chosen, base.config, state, info["length"],
-                                            eval_xy, steps, batch, args.seed) for n in again}
-    if pairs:
-        seeded["_pair"] = max(pairs)[1:]
-    verdict = summary(counts, runs, mem, before, steps, seeded)
+    verdict = summary(ctx, specs, counts, runs, mem, before)
 
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(counts, runs, mem, band, path)
-    seconds = time.perf_counter() - start
+    path = lessonkit.save_figure(figure(counts, runs, mem, band), OUT_NAME)
+    seconds = clock.seconds()
     print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
     return {"kind": kind, "counts": counts, "band": band, "before": before, "runs": runs,
             "verdict": verdict, "frozen": frozen,

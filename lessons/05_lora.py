@@ -53,12 +53,6 @@ Run:  python lessons/05_lora.py [--quick] [--seed N]
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")  # render to a file; no display needed
@@ -66,20 +60,18 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: the hand computation, tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import Tensor, counters, no_grad
 from minipeft.base import load_base
 from minipeft.data import TaskMixture
 from minipeft.experiment import score
 from minipeft.lowrank import energy_captured, numerical_rank, stable_rank, svd
 from minipeft.memory import measure_step
-from minipeft.nn import GPT
-from minipeft.optim import AdamW
 from minipeft.params import count_parameters, lora_parameter_count, spec_from_config
 from minipeft.peft import LoraConfig, LoRALinear, full_finetuning, get_peft_model
 from minipeft.train import TrainConfig, train
 from minipeft.verdicts import compare_quality, describe_quality
 
-SEED = 0
 TASK = "sort"                        # not one of the base's skills
 STEPS, QUICK_STEPS = 300, 30         # the same for every run: same batches, same tokens
 BATCH, QUICK_BATCH = 32, 16
@@ -100,21 +92,16 @@ OUT_NAME = "05_lora.png"
 MiB = 2 ** 20
 
 
-def fresh_base(cfg, state) -> GPT:
-    model = GPT(cfg)
-    model.load_state_dict(state)
-    return model
-
-
 def host(a) -> np.ndarray:
     return bk.to_numpy(a).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- (a), (b) the maths
-def lora_by_hand(cfg, state, seed: int, length: int, r: int = 4) -> dict:
-    """One LoRALinear against the formula, the FLOP count, and step 0 == the base model."""
-    base = fresh_base(cfg, state)
-    peft = get_peft_model(fresh_base(cfg, state), LoraConfig(r=r, alpha=SCALE * r), seed=seed)
+def lora_by_hand(base, seed: int, length: int, r: int = 4) -> dict:
+    """Is the layer what the formula says, does it skip the frozen weight's gradient, and is
+    step 0 the base model? One LoRALinear against y = W0 x + b + s (x Aᵀ) Bᵀ computed by hand,
+    its matmul FLOPs counted, and a fresh LoRA model's logits against the base's."""
+    peft = get_peft_model(lessonkit.fresh_copy(base), LoraConfig(r=r, alpha=SCALE * r), seed=seed)
     ids = bk.asarray(TaskMixture([TASK], seed=seed, length=length).eval_set(TASK, 16)[0])
     with no_grad():
         step0 = float(np.abs(host(peft(ids).data) - host(base(ids).data)).max())
@@ -166,7 +153,10 @@ def lora_by_hand(cfg, state, seed: int, length: int, r: int = 4) -> dict:
 
 
 # --------------------------------------------------------------------------- (c) counting
-def parameter_counts(cfg, state, ranks) -> list[dict]:
+def parameter_counts(base, ranks) -> list[dict]:
+    """Does r · Σ (d_in + d_out) count what the model trains? The formula against the
+    calculator (minipeft.params) and the model's own count, for q, v and for all linears."""
+    cfg = base.config
     spec = spec_from_config(cfg)
     total = count_parameters(spec)["total"]
     mats = spec.matrices()
@@ -183,8 +173,8 @@ def parameter_counts(cfg, state, ranks) -> list[dict]:
             if targets == QV:                                  # square d x d: 2 (#mat) d r
                 assert formula == 2 * n_mat * cfg.n_embd * r
             calc = lora_parameter_count(spec, r, targets)
-            model = get_peft_model(fresh_base(cfg, state), LoraConfig(r=r, alpha=SCALE * r,
-                                                                     target_modules=targets))
+            model = get_peft_model(lessonkit.fresh_copy(base),
+                                   LoraConfig(r=r, alpha=SCALE * r, target_modules=targets))
             own = model.num_parameters(trainable_only=True)
             rows.append({"targets": name, "r": r, "n_matrices": n_mat, "formula": formula,
                          "calculator": calc, "model": own, "pct": 100 * own / total})
@@ -197,32 +187,8 @@ def parameter_counts(cfg, state, ranks) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- (d) training
-def step_times_interleaved(rows: list, reps: int) -> None:
-    """Median wall time of one full training step (forward, backward, AdamW) per run, timed
-    round-robin: rep k of every run, then rep k + 1, so a change in machine load hits all runs
-    alike. One warm-up round first. The optimizers' lr is tiny: timing changes (almost) nothing.
-
-    Each run is timed twice: on a freshly built copy of its method (the method's cost) and on
-    the trained model. They can differ: a trained model's sharp softmaxes produce subnormal
-    floats (below 1.2e-38) in the gradients, and CPUs do arithmetic on those 10-100x slower."""
-    models = [(row, key) for row in rows for key in ("fresh", "model")]
-    opts = [AdamW(row[key].trainable_parameters(), lr=1e-12) for row, key in models]
-    times = [[] for _ in models]
-    for _ in range(reps + 1):
-        for (row, key), opt, ts in zip(models, opts, times):
-            x, y = row["batch"]
-            bk.synchronize()
-            t = time.perf_counter()
-            opt.zero_grad()
-            row[key].loss(x, y).backward()
-            opt.step()
-            bk.synchronize()
-            ts.append(time.perf_counter() - t)
-    for (row, key), ts in zip(models, times):
-        row[key].zero_grad()
-        row["step_ms" if key == "fresh" else "step_ms_trained"] = statistics.median(ts[1:]) * 1e3
-
-
+# The helpers (d), (f) and (g) share: fine-tune one copy of the base, time its steps, print
+# a row per run.
 def delta_weights(model, before: dict) -> dict:
     """path -> the trained update ΔW (out, in) of every adapted (LoRA) or every q/v (full) matrix.
     LoRA: the layer's own s B A (``delta_weight``); full FT: W_after - W_before."""
@@ -240,7 +206,7 @@ def delta_weights(model, before: dict) -> dict:
 
 def finetune(label, config, lr, ctx) -> dict:
     """Fine-tune a fresh copy of the base with ``config``: quality, ΔW and step memory."""
-    model = get_peft_model(fresh_base(ctx["cfg"], ctx["state"]), config, seed=ctx["seed"])
+    model = get_peft_model(lessonkit.fresh_copy(ctx["base"]), config, seed=ctx["seed"])
     mix = TaskMixture([TASK], seed=1000 + ctx["seed"], length=ctx["length"])  # same batches
     cfg = TrainConfig(steps=ctx["steps"], batch_size=ctx["batch"], lr=lr, progress=False,
                       desc=label)
@@ -254,15 +220,28 @@ def finetune(label, config, lr, ctx) -> dict:
             "em": ev["exact_match"], "loss": ev["loss"], "token_acc": ev["token_acc"],
             "config": config, "grad_opt_mib": (mem["gradients"] + mem["optimizer"]) / MiB,
             "peak_mib": mem["peak_train"] / MiB, "losses": result.losses,
-            "deltas": delta_weights(model, ctx["state"]), "seconds": result.seconds,
-            "model": model, "batch": (x, y),
-            "fresh": get_peft_model(fresh_base(ctx["cfg"], ctx["state"]), config,
-                                    seed=ctx["seed"])}
+            "deltas": delta_weights(model, ctx["before_state"]), "seconds": result.seconds,
+            "model": model, "batch": (x, y)}
 
 
-def print_table(title: str, rows) -> None:
-    print(f"\n{title}\n")
-    print(f"    {'run':<17} {'trainable':>9} {'%':>9} {'lr':>7} {'EM':>7} {'tok acc':>7} "
+def time_steps(rows, ctx) -> None:
+    """Median ms of one training step per run, interleaved (``lessonkit.step_ms``), twice: on a
+    freshly built copy of its method (the method's cost) and on the trained model. They can
+    differ: a trained model's sharp softmaxes produce subnormal floats (below 1.2e-38) in the
+    gradients, and CPUs do arithmetic on those 10-100x slower."""
+    runs = {}
+    for row in rows:
+        fresh = get_peft_model(lessonkit.fresh_copy(ctx["base"]), row["config"], seed=ctx["seed"])
+        runs[(row["label"], "fresh")] = (fresh, row["batch"])
+        runs[(row["label"], "trained")] = (row["model"], row["batch"])
+    ms = lessonkit.step_ms(runs, ctx["reps"])
+    for row in rows:
+        row["step_ms"], row["step_ms_trained"] = (ms[(row["label"], k)]
+                                                  for k in ("fresh", "trained"))
+
+
+def print_table(rows) -> None:
+    print(f"\n    {'run':<17} {'trainable':>9} {'%':>9} {'lr':>7} {'EM':>7} {'tok acc':>7} "
           f"{'loss':>7} {'step ms':>8} {'trained':>8} {'G+O MiB':>8} {'peak MiB':>8}")
     for row in rows:
         print(f"    {row['label']:<17} {row['trainable']:>9,} {row['pct']:>8.3f}% "
@@ -270,19 +249,47 @@ def print_table(title: str, rows) -> None:
               f"{row['step_ms']:>8.1f} "
               f"{row['step_ms_trained']:>8.1f} {row['grad_opt_mib']:>8.2f} "
               f"{row['peak_mib']:>8.2f}")
+    slow = [row["label"] for row in rows if row["step_ms_trained"] > 1.3 * row["step_ms"]]
+    if slow:
+        print(f"    Trained models stepped over 30% slower than fresh copies of the same shapes "
+              f"({', '.join(slow)}):\n    after training, sharp softmaxes put subnormal floats "
+              "(< 1.2e-38) into the gradients, and CPU\n    arithmetic on those is 10-100x "
+              "slower. The 'step ms' column times fresh copies: the method's own cost.")
 
 
-def quality_run(config, lr, seed: int, ctx) -> dict:
-    """The same fine-tune with another seed (adapter init and batch order): quality only."""
-    model = get_peft_model(fresh_base(ctx["cfg"], ctx["state"]), config, seed=seed)
-    mix = TaskMixture([TASK], seed=1000 + seed, length=ctx["length"])
-    train(model, mix.sample, TrainConfig(steps=ctx["steps"], batch_size=ctx["batch"], lr=lr,
-                                         progress=False))
-    return score(model, *ctx["eval"])
+def rank_sweep(ctx) -> dict:
+    """How does quality trade against rank? LoRA on q, v at every rank of RANKS and full
+    fine-tuning, the same steps and batches for each: quality, step time, step memory."""
+    before = ctx["before"]
+    print(f"\n(d) LoRA on q, v at several ranks (s = alpha/r = {SCALE:g}) and full fine-tuning "
+          f"on '{TASK}': {ctx['steps']} steps x {ctx['batch']} rows each,\n    the same batches "
+          f"for every run; held-out {ctx['n_eval']} inputs (the base before fine-tuning: "
+          f"exact match {before['exact_match']:.1%},\n    loss {before['loss']:.3f}. step ms: "
+          f"median of {ctx['reps']}, interleaved, on a fresh copy of the method; trained: the "
+          "same on\n    the trained model; G+O = gradients + AdamW state, measured; peak = W + O "
+          "+ the step's measured peak)\n")
+    runs = {f"r={r}": finetune(f"r={r}", LoraConfig(r=r, alpha=SCALE * r), LORA_LR, ctx)
+            for r in RANKS}
+    runs["full"] = finetune("full", full_finetuning(), FULL_LR, ctx)
+    time_steps(runs.values(), ctx)
+    print_table(runs.values())
+    full = runs["full"]
+    lora = [runs[f"r={r}"] for r in RANKS]
+    ratio = lambda key: [row[key] / full[key] for row in lora]
+    print(f"\n    LoRA q,v against full FT: step time {min(ratio('step_ms')):.0%}-"
+          f"{max(ratio('step_ms')):.0%}, gradients + optimizer state "
+          f"{min(ratio('grad_opt_mib')):.1%}-{max(ratio('grad_opt_mib')):.1%}, peak "
+          f"{min(ratio('peak_mib')):.0%}-{max(ratio('peak_mib')):.0%}.\n    LoRA skips the "
+          "frozen matrices' weight gradients and their AdamW state, but the activations stay "
+          "(lesson 03a),\n    and at this width most of a step's time is work LoRA keeps: "
+          "attention, GELU, layer norms, the head.")
+    return runs
 
 
 # --------------------------------------------------------------------------- (e) rank
 def rank_table(runs: dict, ranks) -> dict:
+    """Is rank(ΔW) <= r, and how low-rank is full fine-tuning's update? The numerical rank of
+    every trained ΔW, read off its singular values."""
     full = runs["full"]["deltas"]
     paths = list(runs[f"r={ranks[0]}"]["deltas"])
     print("\n(e) Rank of each trained update ΔW = s B A, from its singular values "
@@ -314,8 +321,125 @@ def rank_table(runs: dict, ranks) -> dict:
     return {"per_matrix": out, "rank_bound_held": ok}
 
 
+# --------------------------------------------------------------------------- (f) the scale
+def scale_sweep(ctx) -> dict:
+    """What does s = alpha / r do? LoRA q,v at r = ALPHA_RANK with s from SCALES, the same lr:
+    quality and the size of the trained ΔW."""
+    print(f"\n(f) The scale s = alpha / r, LoRA q,v at r = {ALPHA_RANK}, lr {LORA_LR:g}\n")
+    alpha_runs = {}
+    for scale in SCALES:
+        row = finetune(f"r={ALPHA_RANK} s={scale:g}",
+                       LoraConfig(r=ALPHA_RANK, alpha=scale * ALPHA_RANK), LORA_LR, ctx)
+        row["delta_norm"] = sum(float(bk.xp.linalg.norm(d)) for d in row["deltas"].values())
+        alpha_runs[row["label"]] = row
+    time_steps(alpha_runs.values(), ctx)
+    print_table(alpha_runs.values())
+    print("    ||ΔW||_F summed over the adapted matrices: "
+          + ", ".join(f"{k}: {v['delta_norm']:.1f}" for k, v in alpha_runs.items()))
+    best_s = min(alpha_runs.values(), key=lambda row: row["loss"])
+    print(f"    With Adam, s multiplies how fast ΔW moves (the norms grow with s); here "
+          f"{best_s['label']} gave the lowest\n    loss. A larger s is a larger effective "
+          "learning rate, so alpha and lr are tuned together, not separately.")
+    return alpha_runs
+
+
+# --------------------------------------------------------------------------- (g) targets
+def target_sweep(ctx, qv_row: dict) -> dict:
+    """Which layers to adapt? At r = ALPHA_RANK: q, v (the run from (f) at s = SCALE), every
+    linear layer, and q, v plus a LoRA on the embedding table."""
+    print(f"\n(g) Which layers to adapt: r = {ALPHA_RANK}, s = {SCALE:g}\n")
+    target_runs = {"q,v": qv_row}
+    target_runs["all linear"] = finetune(
+        "all linear", LoraConfig(r=ALPHA_RANK, alpha=SCALE * ALPHA_RANK,
+                                 target_modules=ALL_LINEAR), LORA_ALL_LR, ctx)
+    target_runs["q,v + embedding"] = finetune(
+        "q,v + embedding", LoraConfig(r=ALPHA_RANK, alpha=SCALE * ALPHA_RANK,
+                                      target_embedding=True), LORA_LR, ctx)
+    time_steps([v for k, v in target_runs.items() if k != "q,v"], ctx)
+    print_table(target_runs.values())
+    best_t = min(target_runs, key=lambda k: target_runs[k]["loss"])
+    print(f"    Lowest loss: {best_t}. Only the embedding LoRA can change what the never-trained "
+          f"'<{TASK}>' marker\n    means (and the tied output head); q and v cannot.")
+    return target_runs
+
+
+# --------------------------------------------------------------------------- the claim
+def quality_run(config, lr, seed: int, ctx) -> dict:
+    """The same fine-tune with another seed (adapter init and batch order): quality only."""
+    model = get_peft_model(lessonkit.fresh_copy(ctx["base"]), config, seed=seed)
+    mix = TaskMixture([TASK], seed=1000 + seed, length=ctx["length"])
+    train(model, mix.sample, TrainConfig(steps=ctx["steps"], batch_size=ctx["batch"], lr=lr,
+                                         progress=False))
+    return score(model, *ctx["eval"])
+
+
+def claim_comparable(ctx, runs: dict, target_runs: dict) -> dict:
+    """SEED-NOTES row 13, 'LoRA reaches quality comparable to full fine-tuning', judged by the
+    project's one definition of "comparable" (minipeft.verdicts.compare_quality, also used by
+    lesson 11): held-out answer-token accuracy, mean over seeds, short of full FT's by at most
+    the tolerance, noise included. Full FT and the best LoRA runs are retrained at more seeds."""
+    seed, n_seeds = ctx["seed"], ctx["seeds"]
+    full = runs["full"]
+    qv_rows = [runs[f"r={r}"] for r in RANKS]
+    best = min(qv_rows, key=lambda row: row["loss"])
+    best_qv = max(qv_rows, key=lambda row: row["token_acc"])
+    cand = qv_rows + [v for k, v in target_runs.items() if k != "q,v"]
+    best_any = max(cand, key=lambda row: row["token_acc"])
+    others = [seed + i for i in range(1, n_seeds)]
+    print(f"\n    Row 13 needs seeds: full FT, the best LoRA on q, v ({best_qv['label']}) and the "
+          f"best LoRA of any targets ({best_any['label']}),\n    by answer-token accuracy at "
+          f"seed {seed}, trained again with seeds {others} (adapter init and batch order).")
+    acc = {}
+    for row in (full, best_qv, best_any):
+        if row["label"] not in acc:
+            acc[row["label"]] = [row["token_acc"]] + [
+                quality_run(row["config"], row["lr"], s, ctx)["token_acc"] for s in others]
+    comps = {label: compare_quality(acc[label], acc["full"])
+             for label in dict.fromkeys((best_qv["label"], best_any["label"]))}
+    spread = max(r["loss"] for r in qv_rows) - min(r["loss"] for r in qv_rows)
+    print(f"\nClaim: 'LoRA reaches quality comparable to full fine-tuning' (comparable here: "
+          f"held-out answer-token accuracy,\nmean of {n_seeds} seeds, short of full FT's by "
+          f"at most {100 * comps[best_qv['label']]['tolerance']:.0f} points with the seeds' spread "
+          f"added; after the same {ctx['steps']} steps).")
+    for label, c in comps.items():
+        print("    " + describe_quality(f"LoRA {label}", c))
+    growth = runs[f"r={RANKS[-1]}"]["trainable"] // runs[f"r={RANKS[0]}"]["trainable"]
+    print(f"    rank: the q,v losses from r = {RANKS[0]} to r = {RANKS[-1]} ({growth}x the "
+          f"parameters) span {spread:.3f} (seed {seed}); the best q,v loss is "
+          f"{best['loss'] - full['loss']:+.3f} from full FT's.")
+    if full["em"] < 0.5:
+        print(f"    Caveat: full FT's exact match is only {full['em']:.0%}: no run has learnt "
+              "the whole task yet, so this compares how fast\n    each method learns in the "
+              "same budget, not the quality each would converge to.")
+    verdicts = {label: c["verdict"] for label, c in comps.items()}
+    held = verdicts[best_qv["label"]] == "comparable"
+    held_any = "comparable" in verdicts.values()
+    if held:
+        print(f"    The claim held here: LoRA on q, v ({best_qv['label']}) is comparable to "
+              "full fine-tuning within this budget.")
+    elif held_any:
+        print(f"    The claim held only with other targets ({best_any['label']}): LoRA on q, v "
+              "alone was not shown comparable within this budget.")
+    elif "undecided" in verdicts.values():
+        print("    Undecided here: the seeds' spread is too wide to place the gap on either side "
+              "of the tolerance;\n    more seeds would decide it.")
+    else:
+        c = comps[best_qv["label"]]
+        print(f"    The claim did not hold here: LoRA on q, v fell short of full fine-tuning by "
+              f"{100 * c['shortfall']:.1f} points, more than the {100 * c['tolerance']:.0f}-point "
+              f"tolerance plus the seeds' noise ({100 * c['noise']:.1f});\n    within this budget "
+              "full fine-tuning learnt the new task clearly faster.\n    It trains every "
+              "weight, including the embedding of the new task's marker, which LoRA on q, v "
+              "cannot touch.\n    The LoRA paper's claim "
+              "is about much larger models trained to convergence; it is not contradicted here,"
+              "\n    but not reproduced at this scale and budget.")
+    return {"verdicts": verdicts, "held": held, "held_any": held_any, "comparable": comps,
+            "seed_token_acc": acc}
+
+
 # --------------------------------------------------------------------------- the figure
-def save_figure(runs, ranks, alpha_runs, target_runs, path: Path) -> None:
+def figure(runs, ranks, alpha_runs, target_runs):
+    """Quality vs rank, the ΔW spectra, the training curves, the scale and the targets."""
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     full = runs["full"]
 
@@ -377,172 +501,46 @@ def save_figure(runs, ranks, alpha_runs, target_runs, path: Path) -> None:
     ax.set_ylabel(f"held-out '{TASK}' loss")
     ax.set_title(f"The scale s = alpha/r at r = {ALPHA_RANK} (purple) and the targets (green)")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny quick base, few steps")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args = lessonkit.arguments(__doc__, quick="the tiny quick base, few steps").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     kind = "quick" if args.quick else "default"
     print(f"Lesson 05: LoRA ({kind} base, task '{TASK}', backend {bk.name}, seed {args.seed})")
     base, info = load_base(kind, seed=args.seed, progress=not args.quick)
-    cfg, length = base.config, info["length"]
-    state = {k: v.copy() for k, v in base.state_dict().items()}
+    length = info["length"]
     n_eval = QUICK_EVAL if args.quick else EVAL_EXAMPLES
     eval_xy = TaskMixture([TASK], seed=1000 + args.seed, length=length).eval_set(TASK, n_eval)
-    ctx = {"cfg": cfg, "state": state, "seed": args.seed, "length": length, "eval": eval_xy,
+    ctx = {"base": base, "before_state": base.state_dict(), "seed": args.seed,
+           "length": length, "eval": eval_xy, "n_eval": n_eval, "before": score(base, *eval_xy),
            "steps": QUICK_STEPS if args.quick else STEPS,
            "batch": QUICK_BATCH if args.quick else BATCH,
-           "reps": QUICK_TIMING_REPS if args.quick else TIMING_REPS}
-    before = score(base, *eval_xy)
+           "reps": QUICK_TIMING_REPS if args.quick else TIMING_REPS,
+           "seeds": QUICK_SEEDS if args.quick else SEEDS}
 
-    maths = lora_by_hand(cfg, state, args.seed, length)
-    counts = parameter_counts(cfg, state, sorted(set(RANKS) | {ALPHA_RANK}))
-
-    steps, batch = ctx["steps"], ctx["batch"]
-    print(f"\n(d), (f), (g) Fine-tuning on '{TASK}': {steps} steps x {batch} rows each, the "
-          "same batches for every run")
-    runs = {f"r={r}": finetune(f"r={r}", LoraConfig(r=r, alpha=SCALE * r), LORA_LR, ctx)
-            for r in RANKS}
-    runs["full"] = finetune("full", full_finetuning(), FULL_LR, ctx)
-    alpha_runs = {}
-    for scale in SCALES:
-        row = finetune(f"r={ALPHA_RANK} s={scale:g}",
-                       LoraConfig(r=ALPHA_RANK, alpha=scale * ALPHA_RANK),
-                       LORA_LR, ctx)
-        row["delta_norm"] = sum(float(bk.xp.linalg.norm(d)) for d in row["deltas"].values())
-        alpha_runs[row["label"]] = row
-    base_qv = next(v for k, v in alpha_runs.items() if k.endswith(f"s={SCALE:g}"))
-    target_runs = {"q,v": base_qv}
-    target_runs["all linear"] = finetune(
-        "all linear", LoraConfig(r=ALPHA_RANK, alpha=SCALE * ALPHA_RANK,
-                                 target_modules=ALL_LINEAR), LORA_ALL_LR, ctx)
-    target_runs["q,v + embedding"] = finetune(
-        "q,v + embedding", LoraConfig(r=ALPHA_RANK, alpha=SCALE * ALPHA_RANK,
-                                      target_embedding=True), LORA_LR, ctx)
-    every = list(runs.values()) + list(alpha_runs.values()) + [
-        v for k, v in target_runs.items() if k != "q,v"]
-    step_times_interleaved(every, ctx["reps"])
-
-    print_table(f"(d) LoRA on q, v at several ranks (s = alpha/r = {SCALE:g}) and full "
-                f"fine-tuning; held-out {n_eval} inputs\n    (the base before fine-tuning: exact "
-                f"match {before['exact_match']:.1%}, loss {before['loss']:.3f}. step ms: median "
-                f"of {ctx['reps']}, interleaved, on a fresh\n    copy of the method; trained: "
-                "the same on the trained model; G+O = gradients + AdamW state, measured;\n    "
-                "peak = W + O + the step's measured peak)", runs.values())
-    full = runs["full"]
-    best = min((runs[f"r={r}"] for r in RANKS), key=lambda row: row["loss"])
-    lora = [runs[f"r={r}"] for r in RANKS]
-    ratio = lambda key: [row[key] / full[key] for row in lora]
-    print(f"\n    LoRA q,v against full FT: step time {min(ratio('step_ms')):.0%}-"
-          f"{max(ratio('step_ms')):.0%}, gradients + optimizer state "
-          f"{min(ratio('grad_opt_mib')):.1%}-{max(ratio('grad_opt_mib')):.1%}, peak "
-          f"{min(ratio('peak_mib')):.0%}-{max(ratio('peak_mib')):.0%}.\n    LoRA skips the "
-          "frozen matrices' weight gradients and their AdamW state, but the activations stay "
-          "(lesson 03),\n    and at this width most of a step's time is work LoRA keeps: "
-          "attention, GELU, layer norms, the head.")
-    slow = [row["label"] for row in every if row["step_ms_trained"] > 1.3 * row["step_ms"]]
-    if slow:
-        print(f"    Trained models stepped over 30% slower than fresh copies of the same shapes "
-              f"({', '.join(slow)}):\n    after training, sharp softmaxes put subnormal floats "
-              "(< 1.2e-38) into the gradients, and CPU\n    arithmetic on those is 10-100x "
-              "slower. The 'step ms' column times fresh copies: the method's own cost.")
-
+    maths = lora_by_hand(base, args.seed, length)
+    counts = parameter_counts(base, sorted(set(RANKS) | {ALPHA_RANK}))
+    runs = rank_sweep(ctx)
     ranks = rank_table(runs, RANKS)
+    alpha_runs = scale_sweep(ctx)
+    target_runs = target_sweep(ctx, next(v for k, v in alpha_runs.items()
+                                         if k.endswith(f"s={SCALE:g}")))
+    claim = claim_comparable(ctx, runs, target_runs)
 
-    print_table(f"(f) The scale s = alpha / r, LoRA q,v at r = {ALPHA_RANK}, lr {LORA_LR:g}",
-                alpha_runs.values())
-    print("    ||ΔW||_F summed over the adapted matrices: "
-          + ", ".join(f"{k}: {v['delta_norm']:.1f}" for k, v in alpha_runs.items()))
-    best_s = min(alpha_runs.values(), key=lambda row: row["loss"])
-    print(f"    With Adam, s multiplies how fast ΔW moves (the norms grow with s); here "
-          f"{best_s['label']} gave the lowest\n    loss. A larger s is a larger effective "
-          "learning rate, so alpha and lr are tuned together, not separately.")
-
-    print_table(f"(g) Which layers to adapt: r = {ALPHA_RANK}, s = {SCALE:g}",
-                target_runs.values())
-    best_t = min(target_runs, key=lambda k: target_runs[k]["loss"])
-    print(f"    Lowest loss: {best_t}. Only the embedding LoRA can change what the never-trained "
-          f"'<{TASK}>' marker\n    means (and the tied output head); q and v cannot.")
-
-    # the verdict on SEED-NOTES row 13, by the project's one definition of "comparable"
-    # (minipeft.verdicts.compare_quality, also used by lesson 11): held-out answer-token
-    # accuracy, mean over seeds, short of full FT's by at most the tolerance, noise included.
-    qv_rows = [runs[f"r={r}"] for r in RANKS]
-    best_qv = max(qv_rows, key=lambda row: row["token_acc"])
-    cand = qv_rows + [v for k, v in target_runs.items() if k != "q,v"]
-    best_any = max(cand, key=lambda row: row["token_acc"])
-    n_seeds = QUICK_SEEDS if args.quick else SEEDS
-    others = [args.seed + i for i in range(1, n_seeds)]
-    print(f"\n    Row 13 needs seeds: full FT, the best LoRA on q, v ({best_qv['label']}) and the "
-          f"best LoRA of any targets ({best_any['label']}),\n    by answer-token accuracy at "
-          f"seed {args.seed}, trained again with seeds {others} (adapter init and batch order).")
-    acc = {}
-    for row in (full, best_qv, best_any):
-        if row["label"] not in acc:
-            acc[row["label"]] = [row["token_acc"]] + [
-                quality_run(row["config"], row["lr"], s, ctx)["token_acc"] for s in others]
-    comps = {label: compare_quality(acc[label], acc["full"])
-             for label in dict.fromkeys((best_qv["label"], best_any["label"]))}
-    spread = max(r["loss"] for r in qv_rows) - min(r["loss"] for r in qv_rows)
-    print(f"\nClaim: 'LoRA reaches quality comparable to full fine-tuning' (comparable here: "
-          f"held-out answer-token accuracy,\nmean of {n_seeds} seeds, short of full FT's by "
-          f"at most {100 * comps[best_qv['label']]['tolerance']:.0f} points with the seeds' spread "
-          f"added; after the same {ctx['steps']} steps).")
-    for label, c in comps.items():
-        print("    " + describe_quality(f"LoRA {label}", c))
-    growth = runs[f"r={RANKS[-1]}"]["trainable"] // runs[f"r={RANKS[0]}"]["trainable"]
-    print(f"    rank: the q,v losses from r = {RANKS[0]} to r = {RANKS[-1]} ({growth}x the "
-          f"parameters) span {spread:.3f} (seed {args.seed}); the best q,v loss is "
-          f"{best['loss'] - full['loss']:+.3f} from full FT's.")
-    if full["em"] < 0.5:
-        print(f"    Caveat: full FT's exact match is only {full['em']:.0%}: no run has learnt "
-              "the whole task yet, so this compares how fast\n    each method learns in the "
-              "same budget, not the quality each would converge to.")
-    verdicts = {label: c["verdict"] for label, c in comps.items()}
-    held = verdicts[best_qv["label"]] == "comparable"
-    held_any = "comparable" in verdicts.values()
-    if held:
-        print(f"    The claim held here: LoRA on q, v ({best_qv['label']}) is comparable to "
-              "full fine-tuning within this budget.")
-    elif held_any:
-        print(f"    The claim held only with other targets ({best_any['label']}): LoRA on q, v "
-              "alone was not shown comparable within this budget.")
-    elif "undecided" in verdicts.values():
-        print("    Undecided here: the seeds' spread is too wide to place the gap on either side "
-              "of the tolerance;\n    more seeds would decide it.")
-    else:
-        c = comps[best_qv["label"]]
-        print(f"    The claim did not hold here: LoRA on q, v fell short of full fine-tuning by "
-              f"{100 * c['shortfall']:.1f} points, more than the {100 * c['tolerance']:.0f}-point "
-              f"tolerance plus the seeds' noise ({100 * c['noise']:.1f});\n    within this budget "
-              "full fine-tuning learnt the new task clearly faster.\n    It trains every "
-              "weight, including the embedding of the new task's marker, which LoRA on q, v "
-              "cannot touch.\n    The LoRA paper's claim "
-              "is about much larger models trained to convergence; it is not contradicted here,"
-              "\n    but not reproduced at this scale and budget.")
-
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(runs, RANKS, alpha_runs, target_runs, path)
-    seconds = time.perf_counter() - start
+    path = lessonkit.save_figure(figure(runs, RANKS, alpha_runs, target_runs), OUT_NAME)
+    seconds = clock.seconds()
     print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
-
     strip = lambda row: {k: v for k, v in row.items()
-                         if k not in ("deltas", "model", "batch", "fresh", "config")}
-    return {"kind": kind, "maths": maths, "counts": counts, "before": before,
+                         if k not in ("deltas", "model", "batch", "config")}
+    return {"kind": kind, "maths": maths, "counts": counts, "before": ctx["before"],
             "runs": {k: strip(v) for k, v in runs.items()},
             "alpha": {k: strip(v) for k, v in alpha_runs.items()},
             "targets": {k: strip(v) for k, v in target_runs.items()},
-            "ranks": ranks, "claim_held_qv": held, "claim_held_any": held_any,
-            "comparable": comps, "seed_token_acc": acc,
+            "ranks": ranks, "claim_held_qv": claim["held"], "claim_held_any": claim["held_any"],
+            "comparable": claim["comparable"], "seed_token_acc": claim["seed_token_acc"],
             "figure": str(path), "seconds": seconds}
 
 

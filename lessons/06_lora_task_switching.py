@@ -37,8 +37,6 @@ Run:  python lessons/06_lora_task_switching.py [--quick] [--seed N]
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import statistics
 import time
@@ -51,15 +49,15 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: comparisons, tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import counters, no_grad
 from minipeft.base import load_base
 from minipeft.data import TaskMixture, decode, swap_marker
 from minipeft.io import save_model
-from minipeft.nn import GPT, generate
+from minipeft.nn import generate
 from minipeft.peft import LoraConfig, LoRALinear, get_peft_model, load_peft_model
 from minipeft.train import TrainConfig, evaluate_lm, train
 
-SEED = 0
 CANDIDATES = ("shift", "sort", "add", "brackets", "new0")  # tasks the base never saw
 NEW_MARKER_SKILL = "reverse"       # "new0": <new0> + a reverse example (an unseen trigger)
 RANK, ALPHA, LR = 8, 16, 1e-2      # LoRA on q, v (LoraConfig's default targets)
@@ -73,12 +71,6 @@ GEN_REPEATS, QUICK_GEN_REPEATS = 21, 3
 SAME_SPEED = 0.10                  # "at the base's speed": medians within 10%
 OUT_NAME = "06_lora_task_switching.png"
 KiB, MiB = 2 ** 10, 2 ** 20
-
-
-def fresh_base(cfg, state) -> GPT:
-    model = GPT(cfg)
-    model.load_state_dict(state)
-    return model
 
 
 def task_data(name: str, seed: int, length: int, n_eval: int):
@@ -110,13 +102,15 @@ def prompts_of(x, y):
 
 
 # --------------------------------------------------------------------------- (a) choose
-def train_candidates(cfg, state, ctx) -> tuple:
+def train_candidates(base, ctx) -> tuple:
+    """Which unseen tasks can LoRA pick up in the budget? One adapter per candidate on one model,
+    trained in turn; the two with the best held-out exact match are kept."""
     print(f"\n(a) One LoRA adapter (r={RANK}, alpha={ALPHA}, q and v) per unseen task, "
           f"{ctx['steps']} steps x {ctx['batch']} rows each, lr {LR:g}\n")
     print(f"    {'task':<9} {'example (held-out)':<32} {'EM, adapter':>12} {'EM, base':>9} "
           f"{'loss':>7} {'time':>6}")
     lcfg = LoraConfig(r=RANK, alpha=ALPHA)
-    model = get_peft_model(fresh_base(cfg, state), lcfg, adapter_name=CANDIDATES[0],
+    model = get_peft_model(lessonkit.fresh_copy(base), lcfg, adapter_name=CANDIDATES[0],
                            seed=ctx["seed"])
     scores, data = {}, {}
     for i, name in enumerate(CANDIDATES):
@@ -146,13 +140,14 @@ def train_candidates(cfg, state, ctx) -> tuple:
 
 
 # --------------------------------------------------------------------------- (b) sizes
-def save_and_measure(model, chosen, cfg, state, folder: Path) -> dict:
+def save_and_measure(model, chosen, base, folder: Path) -> dict:
+    """How small is a task? The base and both adapters saved as files, their bytes compared."""
     shutil.rmtree(folder, ignore_errors=True)
-    save_model(fresh_base(cfg, state), folder / "base")
+    save_model(base, folder / "base")
     base_bytes = dir_bytes(folder / "base")
     print(f"\n(b) On disk (safetensors + JSON config), in {folder}\n")
     print(f"    {'file':<18} {'parameters':>11} {'bytes':>11} {'size':>10} {'of the base':>12}")
-    n_base = fresh_base(cfg, state).num_parameters()
+    n_base = base.num_parameters()
     print(f"    {'base model':<18} {n_base:>11,} {base_bytes:>11,} "
           f"{base_bytes / MiB:>7.2f} MiB {1:>12.1%}")
     sizes = {"base": base_bytes}
@@ -170,34 +165,12 @@ def save_and_measure(model, chosen, cfg, state, folder: Path) -> dict:
     return sizes
 
 
-# --------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny quick base, few steps")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    kind = "quick" if args.quick else "default"
-    print(f"Lesson 06: LoRA task switching ({kind} base, backend {bk.name}, seed {args.seed})")
-    base, info = load_base(kind, seed=args.seed, progress=not args.quick)
-    cfg = base.config
-    state = {k: v.copy() for k, v in base.state_dict().items()}
-    ctx = {"seed": args.seed, "length": info["length"],
-           "steps": QUICK_STEPS if args.quick else STEPS,
-           "batch": QUICK_BATCH if args.quick else BATCH,
-           "n_eval": QUICK_EVAL if args.quick else EVAL_EXAMPLES}
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    trained, chosen, candidates, data = train_candidates(cfg, state, ctx)
+# --------------------------------------------------------------------------- (c) reload
+def reload_both(trained, chosen, base, folder: Path, evals) -> tuple:
+    """Do the files hold the fine-tunes? One fresh base, both adapters loaded from disk, its
+    logits against the trained model's."""
     a, b = chosen
-    evals = {n: data[n][1] for n in chosen}
-
-    folder = out_dir / "06_adapters"
-    sizes = save_and_measure(trained, chosen, cfg, state, folder)
-
-    # (c) one fresh base, both adapters loaded from disk
-    served = load_peft_model(fresh_base(cfg, state), folder / a, adapter_name=a)
+    served = load_peft_model(lessonkit.fresh_copy(base), folder / a, adapter_name=a)
     served.load_adapter(folder / b, name=b)
     reload_diff = {}
     for n in chosen:
@@ -209,8 +182,14 @@ def main(argv=None) -> dict:
           + ", ".join(f"{n}: {v:.1e}" for n, v in reload_diff.items())
           + "\n    (the same float32 numbers through the same operations: the task-specific "
           "fine-tunes, reproduced)")
+    return served, reload_diff
 
-    # (d) the right adapter, the wrong one, none
+
+# --------------------------------------------------------------------------- (d) which adapter
+def right_wrong_none(served, chosen, evals) -> tuple:
+    """Is an adapter a task-specific edit? Each task's held-out exact match with its own
+    adapter, the other one, and none."""
+    a, b = chosen
     print("\n(d) Held-out exact match of each task with each adapter (one base, "
           "set_adapter(name); None = the base)\n")
     columns = [a, b, None]
@@ -230,8 +209,13 @@ def main(argv=None) -> dict:
           + ("beats none by more than 5 points on: " + ", ".join(wrong_helps) if wrong_helps
              else "is no better than none") + ":\n    an adapter is a task-specific edit, not a "
           "general improvement.")
+    return accuracy, right_wins
 
-    # (e) switching by merge: W0 + ΔW_a -> W0 -> W0 + ΔW_b, the base never reloaded
+
+# --------------------------------------------------------------------------- (e) merge switching
+def switch_by_merge(served, chosen, evals) -> tuple:
+    """Can a server switch tasks by merging, W0 + ΔW_a -> W0 -> W0 + ΔW_b, never reloading the
+    base? Merged against unmerged logits, and W against W0 after one and many cycles."""
     layers = [m for _, m in served.base_model.named_modules() if isinstance(m, LoRALinear)]
     W0 = [m.base.weight.data.copy() for m in layers]
     buffers = [id(m.base.weight) for m in layers]
@@ -272,8 +256,14 @@ def main(argv=None) -> dict:
              f"{SWITCH_CYCLES} cycles): a server that\n    switches often should restore W0 "
              "from its file now and then." if drift_cycles > 2 * drift_one else
              "; it did not grow over the cycles."))
+    return merge, drift_cycles, same_params
 
-    # (f) a mixed batch: row i uses adapter names[i]
+
+# --------------------------------------------------------------------------- (f) mixed batch
+def mixed_batch(served, chosen, evals) -> tuple:
+    """Can one batch serve several tasks? Row i uses adapter names[i]; logits and greedy
+    generation against each row run alone with its adapter."""
+    a, b = chosen
     rows, names, tasks = [], [], []
     for i in range(MIXED_ROWS):          # a's row, b's row, and one of a's rows on the bare base
         for n, task, j in ((a, a, i), (b, b, i), (None, a, MIXED_ROWS + i)):
@@ -305,9 +295,16 @@ def main(argv=None) -> dict:
           f"{MIXED_ROWS}\n    max |mixed logits - each row run alone with its adapter| = "
           f"{mixed_diff:.1e}; same predictions: {same_pred}\n    greedy KV-cached generation "
           f"of {len(keep)} of those rows in one call vs one by one: identical tokens: {gen_same}")
+    return mixed_diff, same_pred, gen_same
 
-    # (g) inference speed: KV-cached generation, base vs merged vs unmerged, interleaved
-    plain = fresh_base(cfg, state)
+
+# --------------------------------------------------------------------------- (g) speed
+def generation_speed(served, base, chosen, evals, reps: int) -> dict:
+    """Does a merged adapter cost nothing at inference? KV-cached generation of the base, the
+    merged and the unmerged model: matmul FLOPs counted, time as interleaved medians (this
+    loop times generate() calls, switching merge on and off, so it is written out here)."""
+    a = chosen[0]
+    plain = lessonkit.fresh_copy(base)
     served.set_adapter(a)
     px, n_ans = prompts_of(*evals[a])
     px = bk.asarray(px[:GEN_BATCH])
@@ -322,7 +319,6 @@ def main(argv=None) -> dict:
         outputs[k] = bk.to_numpy(run[k]())
         flops[k] = counters["matmul_flops"]
         served.unmerge()
-    reps = QUICK_GEN_REPEATS if args.quick else GEN_REPEATS
     for _ in range(reps):                                    # interleaved: drift hits all alike
         for k in ("base", "merged", "unmerged"):
             if k == "merged":
@@ -350,7 +346,13 @@ def main(argv=None) -> dict:
           "two thin matmuls, a scale and an add, each a separate array operation.")
     print(f"    Merged runs at the base's speed (within {SAME_SPEED:.0%}): {at_base} "
           f"(measured {med['merged'] / med['base']:.2f}x).")
+    return {"med": med, "flops": flops, "times": times, "same_tokens": same_tokens,
+            "at_base": at_base}
 
+
+# --------------------------------------------------------------------------- the claim
+def claim(sizes, chosen, reload_diff, right_wins, same_pred) -> bool:
+    """SEED-NOTES row 4, judged by the numbers of (b), (c), (d) and (f)."""
     print("\nClaim (SEED-NOTES row 4): a PEFT checkpoint is tiny and one base serves many tasks "
           "by swapping the small weights.\n    measured: adapters of "
           + " and ".join(f"{sizes[n] / KiB:.0f} KiB" for n in chosen)
@@ -361,23 +363,12 @@ def main(argv=None) -> dict:
     held = (right_wins and same_pred and max(sizes[n] for n in chosen) < 0.1 * sizes["base"]
             and max(reload_diff.values()) < 1e-5)
     print("    The claim " + ("held here." if held else "did not fully hold here (see above)."))
-
-    path = out_dir / OUT_NAME
-    save_figure(candidates, chosen, sizes, accuracy, times, path)
-    seconds = time.perf_counter() - start
-    print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
-    return {"kind": kind, "chosen": chosen, "candidates": candidates, "sizes": sizes,
-            "adapter_folder": str(folder), "reload_max_abs_diff": reload_diff,
-            "accuracy": accuracy, "right_adapter_wins": right_wins, "merge": merge,
-            "drift_after_cycles": drift_cycles, "same_parameters": same_params,
-            "mixed_max_abs_diff": mixed_diff, "mixed_same_predictions": same_pred,
-            "mixed_generation_identical": gen_same, "gen_ms": med, "gen_flops": flops,
-            "merged_same_tokens": same_tokens, "merged_at_base_speed": at_base,
-            "claim_held": held, "figure": str(path), "seconds": seconds}
+    return held
 
 
 # --------------------------------------------------------------------------- the figure
-def save_figure(candidates, chosen, sizes, accuracy, times, path: Path) -> None:
+def figure(candidates, chosen, sizes, accuracy, times):
+    """What each candidate learnt, the file sizes, the right/wrong/none grid, generation time."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
 
     ax = axes[0, 0]
@@ -420,9 +411,46 @@ def save_figure(candidates, chosen, sizes, accuracy, times, path: Path) -> None:
     ax.set_xticks(range(1, len(keys) + 1), keys)
     ax.set_ylabel("ms per generate() call")
     ax.set_title("KV-cached generation time (interleaved repeats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = lessonkit.arguments(__doc__, quick="the tiny quick base, few steps").parse_args(argv)
+    clock = lessonkit.Stopwatch()
+    kind = "quick" if args.quick else "default"
+    print(f"Lesson 06: LoRA task switching ({kind} base, backend {bk.name}, seed {args.seed})")
+    base, info = load_base(kind, seed=args.seed, progress=not args.quick)
+    ctx = {"seed": args.seed, "length": info["length"],
+           "steps": QUICK_STEPS if args.quick else STEPS,
+           "batch": QUICK_BATCH if args.quick else BATCH,
+           "n_eval": QUICK_EVAL if args.quick else EVAL_EXAMPLES}
+
+    trained, chosen, candidates, data = train_candidates(base, ctx)
+    evals = {n: data[n][1] for n in chosen}
+    folder = lessonkit.out_dir() / "06_adapters"
+    sizes = save_and_measure(trained, chosen, base, folder)
+    served, reload_diff = reload_both(trained, chosen, base, folder, evals)
+    accuracy, right_wins = right_wrong_none(served, chosen, evals)
+    merge, drift_cycles, same_params = switch_by_merge(served, chosen, evals)
+    mixed_diff, same_pred, gen_same = mixed_batch(served, chosen, evals)
+    speed = generation_speed(served, base, chosen, evals,
+                             QUICK_GEN_REPEATS if args.quick else GEN_REPEATS)
+    held = claim(sizes, chosen, reload_diff, right_wins, same_pred)
+
+    path = lessonkit.save_figure(figure(candidates, chosen, sizes, accuracy, speed["times"]),
+                                 OUT_NAME)
+    seconds = clock.seconds()
+    print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
+    return {"kind": kind, "chosen": chosen, "candidates": candidates, "sizes": sizes,
+            "adapter_folder": str(folder), "reload_max_abs_diff": reload_diff,
+            "accuracy": accuracy, "right_adapter_wins": right_wins, "merge": merge,
+            "drift_after_cycles": drift_cycles, "same_parameters": same_params,
+            "mixed_max_abs_diff": mixed_diff, "mixed_same_predictions": same_pred,
+            "mixed_generation_identical": gen_same, "gen_ms": speed["med"],
+            "gen_flops": speed["flops"], "merged_same_tokens": speed["same_tokens"],
+            "merged_at_base_speed": speed["at_base"], "claim_held": held, "figure": str(path),
+            "seconds": seconds}
 
 
 if __name__ == "__main__":

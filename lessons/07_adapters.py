@@ -45,8 +45,6 @@ Run:  python lessons/07_adapters.py [--quick] [--seed N]
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -59,13 +57,13 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import counters, no_grad
 from minipeft.base import load_base
 from minipeft.data import TaskMixture
 from minipeft.experiment import method_specs
 from minipeft.memory import measure_step
-from minipeft.nn import GPT, generate
-from minipeft.optim import AdamW
+from minipeft.nn import generate
 from minipeft.params import lora_parameter_count, spec_from_config
 from minipeft.peft import (
     AdapterConfig,
@@ -75,8 +73,8 @@ from minipeft.peft import (
     get_peft_model,
     load_peft_model,
 )
+from minipeft.train import TrainConfig, evaluate_lm, train
 
-SEED = 0
 TASK = "sort"                       # a skill the base has never seen
 LORA_RANK = 8                       # LoRA's budget, which every adapter is matched to
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")   # all of attention
@@ -117,15 +115,11 @@ def build_configs(cfg) -> dict:
     return configs
 
 
-def fresh(cfg, state, config, seed):
-    base = GPT(cfg)
-    base.load_state_dict(state)
-    return get_peft_model(base, config, seed=seed)
-
-
-def print_counts(models: dict, configs: dict, cfg) -> dict:
-    C, L = cfg.n_embd, cfg.n_layer
-    total = GPT(cfg).num_parameters()
+def print_counts(models: dict, configs: dict, base) -> dict:
+    """Are the budgets matched, and where does each method act? The trainable count of every
+    model beside its formula, and the adapter layers found on block 0 of each model."""
+    C, L = base.config.n_embd, base.config.n_layer
+    total = base.num_parameters()
     lora_n = models["lora"].num_parameters(trainable_only=True)
     print(f"\n(a) Matched budgets: LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)}; each "
           f"adapter's bottleneck m chosen to match it (C={C}, {L} blocks)\n")
@@ -160,7 +154,8 @@ def print_counts(models: dict, configs: dict, cfg) -> dict:
     return counts
 
 
-def step0_check(models: dict, base: GPT, x) -> dict:
+# --------------------------------------------------------------------------- (b) step 0
+def step0_check(models: dict, base, x) -> dict:
     """max |logits(PEFT model at init) - logits(base)|: 0 means step 0 is the base model."""
     with no_grad():
         ref = bk.to_numpy(base(x).data)
@@ -180,10 +175,9 @@ def token_accuracy(model, x, y) -> float:
     return float((pred == y)[scored].mean())
 
 
-def train_all(models, configs, mix, eval_xy, steps, batch, eval_every, progress) -> dict:
-    from minipeft.train import TrainConfig, evaluate_lm, train
-
-    x_e, y_e = eval_xy
+def train_all(models, configs, ctx) -> dict:
+    """Train every model the same steps at its own lr; held-out quality every few steps."""
+    x_e, y_e = ctx["eval"]
 
     def evaluate(m):
         return {**evaluate_lm(m, x_e, y_e), "token_acc": token_accuracy(m, x_e, y_e)}
@@ -192,9 +186,9 @@ def train_all(models, configs, mix, eval_xy, steps, batch, eval_every, progress)
     for name, model in models.items():
         lr = configs[name][1]
         before = evaluate(model)
-        cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, eval_every=eval_every,
-                          progress=progress, desc=name)
-        result = train(model, mix.sample, cfg, evaluate=evaluate)
+        cfg = TrainConfig(steps=ctx["steps"], batch_size=ctx["batch"], lr=lr,
+                          eval_every=ctx["eval_every"], progress=not ctx["quick"], desc=name)
+        result = train(model, ctx["mix"].sample, cfg, evaluate=evaluate)
         runs[name] = {"lr": lr, "before": before, "curve": [{"step": 0, **before}] + result.evals,
                       "final": result.evals[-1], "seconds": result.seconds,
                       "losses": result.losses}
@@ -202,37 +196,29 @@ def train_all(models, configs, mix, eval_xy, steps, batch, eval_every, progress)
 
 
 def memory_and_time(models, x, y, rounds) -> dict:
-    """measure_step per model, then training steps timed round-robin (best and median)."""
+    """measure_step per model, then the median training step, interleaved (lessonkit)."""
     out = {}
     for name, model in models.items():
         mem = measure_step(model, x, y)
         got = mem.measured
         out[name] = {"peak_mib": got["peak_train"] / 2**20,
                      "grad_opt_mib": (got["gradients"] + got["optimizer"]) / 2**20,
-                     "act_mib": got["activations"] / 2**20, "times": []}
-    opts = {n: AdamW(m.trainable_parameters(), lr=1e-12) for n, m in models.items()}
-    for r in range(rounds + 1):                       # round 0 warms up, and is dropped
-        for name, model in models.items():
-            model.train()
-            bk.synchronize()
-            t = time.perf_counter()
-            opts[name].zero_grad()
-            model.loss(x, y).backward()
-            opts[name].step()
-            bk.synchronize()
-            if r:
-                out[name]["times"].append(time.perf_counter() - t)
-            model.zero_grad()
+                     "act_mib": got["activations"] / 2**20}
+    ms = lessonkit.step_ms({name: (model, (x, y)) for name, model in models.items()}, rounds)
     for name, model in models.items():
         model.eval()
-        times = out[name].pop("times")
-        out[name]["step_ms"] = min(times) * 1e3                 # best round: least disturbed
-        out[name]["step_ms_median"] = statistics.median(times) * 1e3
+        out[name]["step_ms"] = ms[name]
     return out
 
 
-def print_quality(runs, mem, counts, steps) -> None:
-    print(f"\n(c) Task '{TASK}', {steps} steps each: quality, memory and speed of training\n")
+def train_and_measure(models, configs, counts, ctx) -> tuple:
+    """Which method learns most for the same budget, and what does a step cost? Every model
+    trains, then one step of each is measured (memory) and timed (interleaved)."""
+    runs = train_all(models, configs, ctx)
+    x, y = (bk.asarray(a) for a in ctx["mix"].sample(ctx["batch"]))
+    mem = memory_and_time(models, x, y, QUICK_TIMING_ROUNDS if ctx["quick"] else TIMING_ROUNDS)
+    print(f"\n(c) Task '{TASK}', {ctx['steps']} steps each: quality, memory and speed of "
+          "training\n")
     print(f"    {'method':<9} {'trainable':>9} {'lr':>6} {'exact':>7} {'token acc':>10} "
           f"{'(step 0)':>9} {'loss':>6} {'peak MiB':>9} {'grad+opt':>9} {'act MiB':>8} "
           f"{'step ms':>8}")
@@ -244,19 +230,17 @@ def print_quality(runs, mem, counts, steps) -> None:
               f"{m['step_ms']:>8.1f}")
     print("    grad+opt: gradients + AdamW m, v of the trainable tensors (measured);"
           " act: activations kept by the graph;\n    peak: weights + optimizer + the step's "
-          "peak (measure_step). Step time: the fastest of interleaved rounds\n    (median: "
-          + ", ".join(f"{n} {m['step_ms_median']:.1f}" for n, m in mem.items()) + ").")
+          "peak (measure_step). Step time: the median of interleaved rounds.")
+    return runs, mem
 
 
 # --------------------------------------------------------------------------- (d) inference
-def export_merged(peft_model, cfg) -> GPT:
+def export_merged(peft_model, base):
     """A plain GPT holding a *merged* PEFT model's weights: the base architecture, nothing more.
     Wrapped modules keep their frozen layer as ``.base``; the adapter tensors are dropped."""
-    plain = GPT(cfg)
     state = {k.replace(".base.", "."): v for k, v in peft_model.base_model.state_dict().items()
              if ".adapters." not in k}
-    plain.load_state_dict(state)
-    return plain
+    return lessonkit.fresh_copy(base, state)
 
 
 def matmul_flops_per_token(model, prompt, new_tokens: int) -> float:
@@ -288,96 +272,26 @@ def latency(models: dict, prompt, new_tokens: int, rounds: int, seed: int) -> tu
             {n: min(v) for n, v in times.items()})
 
 
-# --------------------------------------------------------------------------- the figure
-def save_figure(runs, mem, lat, counts, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    ax = axes[0]
-    for name, r in runs.items():
-        ax.plot([p["step"] for p in r["curve"]], [p["token_acc"] for p in r["curve"]],
-                marker="o", ms=3, label=f"{name} ({counts[name]:,} trainable)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out answer-token accuracy")
-    ax.set_title(f"Learning '{TASK}' at matched budgets (IA3: tiny)")
-    ax.legend(fontsize=8)
-
-    ax = axes[1]
-    names = list(mem)
-    xs = np.arange(len(names))
-    ax.bar(xs - 0.2, [mem[n]["peak_mib"] for n in names], 0.4, label="peak MiB (one step)")
-    ax2 = ax.twinx()
-    ax2.bar(xs + 0.2, [mem[n]["step_ms"] for n in names], 0.4, color="tab:orange",
-            label="step ms")
-    ax.set_xticks(xs, names)
-    ax.set_ylabel("MiB")
-    ax2.set_ylabel("ms per training step")
-    ax.set_title("Training cost: memory (blue) and time (orange)")
-    ax.legend(loc="upper left", fontsize=8)
-    ax2.legend(loc="upper right", fontsize=8)
-
-    ax = axes[2]
-    names = list(lat)
-    colors = ["tab:gray" if n.startswith("base") else "tab:red" if "unmerged" in n
-              else "tab:green" if "merged" in n else "tab:red" for n in names]
-    ax.barh(names, [lat[n] for n in names], color=colors)
-    ax.axvline(lat["base"], color="k", ls="--", lw=1)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per generated token\n(KV cache, batch 1, best of rounds)")
-    ax.set_title("Inference: unmerged branches cost time (red);\nmerged ones do not (green)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny quick base, few steps")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    quick = args.quick
-    kind = "quick" if quick else "default"
-    steps, batch = (QUICK_STEPS, QUICK_BATCH) if quick else (STEPS, BATCH)
-    eval_every = QUICK_EVAL_EVERY if quick else EVAL_EVERY
-    n_eval = QUICK_EVAL if quick else EVAL_EXAMPLES
-    print(f"Lesson 07: adapters vs LoRA ({kind} base, task '{TASK}', backend {bk.name}, "
-          f"seed {args.seed})")
-    base, info = load_base(kind, seed=args.seed, progress=not quick)
-    cfg = base.config
-    state = {k: v.copy() for k, v in base.state_dict().items()}
-    mix = TaskMixture([TASK], seed=1000 + args.seed, length=info["length"])
-    eval_xy = mix.eval_set(TASK, n_eval)
-
-    configs = build_configs(cfg)
-    models = {n: fresh(cfg, state, c, args.seed) for n, (c, _) in configs.items()}
-    counts = print_counts(models, configs, cfg)
-    wraps = counts.pop("_wraps")
-    step0 = step0_check(models, base, bk.asarray(eval_xy[0][:64]))
-
-    runs = train_all(models, configs, mix, eval_xy, steps, batch, eval_every, not quick)
-    x, y = (bk.asarray(a) for a in mix.sample(batch))
-    mem = memory_and_time(models, x, y, QUICK_TIMING_ROUNDS if quick else TIMING_ROUNDS)
-    print_quality(runs, mem, counts, steps)
-
-    # (d) inference: merged copies are rebuilt from the saved adapters, as a server would
+def inference(models, base, ctx) -> dict:
+    """What does each method cost at inference? Merged copies are rebuilt from the saved adapter
+    files, as a server would; then every model generates the same answer, its matmul FLOPs
+    counted and its latency timed round-robin, the base twice to measure the noise."""
+    eval_xy = ctx["eval"]
     with tempfile.TemporaryDirectory() as tmp:
         sizes, merged = {}, {}
         for name in ("lora", "ia3"):
             sizes[name] = models[name].save_adapter(Path(tmp) / name)
-            fresh_base = GPT(cfg)
-            fresh_base.load_state_dict(state)
-            merged[name] = load_peft_model(fresh_base, Path(tmp) / name)
+            merged[name] = load_peft_model(lessonkit.fresh_copy(base), Path(tmp) / name)
             merged[name].merge()
         for name in PLACEMENTS:
             sizes[name] = models[name].save_adapter(Path(tmp) / name)
     with no_grad():
         ref = bk.to_numpy(models["lora"](eval_xy[0][:64]).data)
         merge_diff = float(np.abs(bk.to_numpy(merged["lora"](eval_xy[0][:64]).data) - ref).max())
-    lora_plain = export_merged(merged["lora"], cfg)
+    lora_plain = export_merged(merged["lora"], base)
     with no_grad():
         plain_diff = float(np.abs(bk.to_numpy(lora_plain(eval_xy[0][:64]).data) - ref).max())
-    base_again = GPT(cfg)
-    base_again.load_state_dict(state)
+    base_again = lessonkit.fresh_copy(base)
     x0 = eval_xy[0][:1]
     prompt = bk.asarray(x0[:, :int(np.argmax(eval_xy[1][0] != -100)) + 1])   # up to '='
     new_tokens = int((eval_xy[1][0] != -100).sum())
@@ -385,9 +299,9 @@ def main(argv=None) -> dict:
              "lora merged": merged["lora"], "ia3 merged": merged["ia3"],
              "lora unmerged": models["lora"], "ia3 unmerged": models["ia3"],
              **{n: models[n] for n in PLACEMENTS}}
-    rounds = QUICK_GEN_ROUNDS if quick else GEN_ROUNDS
+    rounds = QUICK_GEN_ROUNDS if ctx["quick"] else GEN_ROUNDS
     flops = {n: matmul_flops_per_token(m, prompt, new_tokens) for n, m in timed.items()}
-    lat_median, lat = latency(timed, prompt, new_tokens, rounds, args.seed)
+    lat_median, lat = latency(timed, prompt, new_tokens, rounds, ctx["seed"])
     noise = max(abs(lat["base (again)"] / lat["base"] - 1),
                 abs(lat_median["base (again)"] / lat_median["base"] - 1))
     threshold = max(2 * noise, 0.03)
@@ -412,8 +326,15 @@ def main(argv=None) -> dict:
     print("    At this size a token's time is mostly the fixed cost of each op, not its "
           "arithmetic, so latency\n    counts ops: every unmerged branch adds several per "
           "block; a merged one adds none.")
+    return {"sizes": sizes, "merge_diff": merge_diff, "plain_diff": plain_diff, "flops": flops,
+            "lat": lat, "lat_median": lat_median, "noise": noise, "threshold": threshold}
 
-    # verdicts
+
+# --------------------------------------------------------------------------- the verdicts
+def verdicts(runs, mem, counts, wraps, step0, inf) -> bool:
+    """Rows 7 and 12 of SEED-NOTES and the two inference claims, each chosen by the numbers
+    printed beside it (time differences only beyond the base-vs-base noise). Returns row 7."""
+    flops, lat, threshold = inf["flops"], inf["lat"], inf["threshold"]
     adapter_over = {n: lat[n] / lat["base"] - 1 for n in PLACEMENTS}
     merged_over = lat["lora merged, plain GPT"] / lat["base"] - 1
     best = max(runs, key=lambda n: runs[n]["final"]["token_acc"])
@@ -461,21 +382,84 @@ def main(argv=None) -> dict:
           + ("the activations outweigh gradients + optimizer state in every method, so they,\n"
              "    not the trainable tensors, set it." if act_rules else
              "in some method gradients + optimizer state outweigh the activations."))
+    return placed and start0
 
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(runs, mem, lat, counts, path)
-    seconds = time.perf_counter() - start
+
+# --------------------------------------------------------------------------- the figure
+def figure(runs, mem, lat, counts):
+    """Learning curves at matched budgets, training cost, and inference latency."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    ax = axes[0]
+    for name, r in runs.items():
+        ax.plot([p["step"] for p in r["curve"]], [p["token_acc"] for p in r["curve"]],
+                marker="o", ms=3, label=f"{name} ({counts[name]:,} trainable)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out answer-token accuracy")
+    ax.set_title(f"Learning '{TASK}' at matched budgets (IA3: tiny)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    names = list(mem)
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [mem[n]["peak_mib"] for n in names], 0.4, label="peak MiB (one step)")
+    ax2 = ax.twinx()
+    ax2.bar(xs + 0.2, [mem[n]["step_ms"] for n in names], 0.4, color="tab:orange",
+            label="step ms")
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("MiB")
+    ax2.set_ylabel("ms per training step")
+    ax.set_title("Training cost: memory (blue) and time (orange)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+
+    ax = axes[2]
+    names = list(lat)
+    colors = ["tab:gray" if n.startswith("base") else "tab:red" if "unmerged" in n
+              else "tab:green" if "merged" in n else "tab:red" for n in names]
+    ax.barh(names, [lat[n] for n in names], color=colors)
+    ax.axvline(lat["base"], color="k", ls="--", lw=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per generated token\n(KV cache, batch 1, best of rounds)")
+    ax.set_title("Inference: unmerged branches cost time (red);\nmerged ones do not (green)")
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = lessonkit.arguments(__doc__, quick="the tiny quick base, few steps").parse_args(argv)
+    clock = lessonkit.Stopwatch()
+    quick = args.quick
+    kind = "quick" if quick else "default"
+    print(f"Lesson 07: adapters vs LoRA ({kind} base, task '{TASK}', backend {bk.name}, "
+          f"seed {args.seed})")
+    base, info = load_base(kind, seed=args.seed, progress=not quick)
+    mix = TaskMixture([TASK], seed=1000 + args.seed, length=info["length"])
+    ctx = {"mix": mix, "eval": mix.eval_set(TASK, QUICK_EVAL if quick else EVAL_EXAMPLES),
+           "steps": QUICK_STEPS if quick else STEPS, "batch": QUICK_BATCH if quick else BATCH,
+           "eval_every": QUICK_EVAL_EVERY if quick else EVAL_EVERY, "quick": quick,
+           "seed": args.seed}
+
+    configs = build_configs(base.config)
+    models = {n: get_peft_model(lessonkit.fresh_copy(base), c, seed=args.seed)
+              for n, (c, _) in configs.items()}
+    counts = print_counts(models, configs, base)
+    wraps = counts.pop("_wraps")
+    step0 = step0_check(models, base, bk.asarray(ctx["eval"][0][:64]))
+    runs, mem = train_and_measure(models, configs, counts, ctx)
+    inf = inference(models, base, ctx)
+    row7 = verdicts(runs, mem, counts, wraps, step0, inf)
+
+    path = lessonkit.save_figure(figure(runs, mem, inf["lat"], counts), OUT_NAME)
+    seconds = clock.seconds()
     print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
     return {"kind": kind, "counts": counts, "configs": {n: c.to_dict() for n, (c, _) in
                                                         configs.items()},
-            "step0_diff": step0, "runs": runs, "memory": mem, "latency_ms": lat,
-            "latency_median_ms": lat_median, "gen_flops": flops,
-            "noise": noise, "threshold": threshold, "merge_diff": merge_diff,
-            "wraps": {k: sorted(v) for k, v in wraps.items()}, "row7_held": placed and start0,
-            "plain_diff": plain_diff, "adapter_bytes": sizes, "figure": str(path),
-            "seconds": seconds}
+            "step0_diff": step0, "runs": runs, "memory": mem, "latency_ms": inf["lat"],
+            "latency_median_ms": inf["lat_median"], "gen_flops": inf["flops"],
+            "noise": inf["noise"], "threshold": inf["threshold"],
+            "merge_diff": inf["merge_diff"], "wraps": {k: sorted(v) for k, v in wraps.items()},
+            "row7_held": row7, "plain_diff": inf["plain_diff"], "adapter_bytes": inf["sizes"],
+            "figure": str(path), "seconds": seconds}
 
 
 if __name__ == "__main__":

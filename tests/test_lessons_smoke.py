@@ -89,8 +89,8 @@ def test_02_tiny_transformer(lesson_out, tmp_path, monkeypatch):
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-def test_03_full_finetuning_memory(lesson_out):
-    m = run_lesson("03_full_finetuning_memory", "--quick", "--seed", "0")
+def test_03a_step_memory(lesson_out):
+    m = run_lesson("03a_step_memory", "--quick", "--seed", "0")
     grid = m["grid"]
     # (a) W + G + O does not depend on B or T; activations scale with B (exactly) and T
     state = [sum(r["measured"][c] for c in ("weights", "gradients", "optimizer")) for r in grid]
@@ -129,6 +129,12 @@ def test_03_full_finetuning_memory(lesson_out):
     assert lv["shrank"] == any(x < -lv["margin"] for x in rel)
     assert lv["grew"] == all(x > lv["margin"] for x in rel)
     assert lv["smaller_saving"] == (large["peak_change"] > small["peak_change"] + lv["margin"])
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_03b_memory_at_scale(lesson_out):
+    m = run_lesson("03b_memory_at_scale", "--quick", "--seed", "0")
     # (d) GPT-3 175B: ~10,000x fewer trainable; the published 350 GB is the 16-bit weights
     pub = m["published"]
     assert 8_000 < pub["fewer_params"] < 12_000

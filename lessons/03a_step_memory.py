@@ -1,4 +1,4 @@
-"""Lesson 03: why full fine-tuning is expensive: the memory of one training step.
+"""Lesson 03a: why full fine-tuning is expensive: the memory of one training step, measured.
 
 A training step (forward, backward, AdamW update) must hold five kinds of bytes at once:
 
@@ -20,38 +20,24 @@ batch axis B and a token axis T_ctx. For our GPT, per block, with C the width an
                                                plus the attention probabilities (B, H, T, T)
 
 so A grows linearly with B and, apart from the T² attention term, linearly with T_ctx, while
-W + G + O stay put. Which of the two dominates is a race between C² (the parameters:
-12 L C² weights) and B T_ctx C (the activations): small models at long contexts are dominated by
-activations, big models by parameter state, and the lesson finds the width where they cross.
-
-Real models are trained in 16-bit. The standard mixed-precision accounting (ZeRO, Rajbhandari
-et al. 2020) keeps 16-bit weights and gradients (2 + 2 bytes) plus an fp32 master copy and the
-two fp32 Adam moments (4 + 4 + 4): still 16 bytes per trainable parameter. Mixed precision
-halves the activations, not the parameter state. Keeping everything (weights, gradients, m, v)
-in 16-bit costs 8 bytes per parameter.
+W + G + O stay put.
 
 LoRA (Hu et al. 2021) trains T ≪ N. Then G and O nearly vanish, but W does not (the frozen model
 must still run), and neither does A: to pass the gradient *through* a frozen layer to the LoRA
-factors below it, the backward pass still needs that layer's activations. The paper's Sec. 4.2
-reports, for GPT-3 175B, 1.2 TB of VRAM for full fine-tuning against 350 GB with LoRA (r = 4 on
-W_q and W_v), 10,000x fewer trainable parameters and 3x less memory. The lesson recomputes those
-figures from the architecture and says which accounting reproduces them.
+factors below it, the backward pass still needs that layer's activations.
 
-What it does: (a) measures full fine-tuning of config S at two batch sizes and two context
-lengths, predicted (counted from parameters and the graph) beside measured (the allocator);
-(b) breaks the activations down by layer and by term; (c) measures LoRA on the same batch;
-(d) scales the formula to GPT-2, LLaMA-2-7B and GPT-3 175B; (e) finds the width at which
-parameter state overtakes activations, from the formulas, and checks it with measurements.
+The parts, each measured on config S, predicted (counted from parameters and the graph) beside
+measured (the allocator):
+  (a) full fine-tuning at two batch sizes and two context lengths: what grows with B and T;
+  (b) the activations broken down by layer and, within a block, by term;
+  (c) LoRA on the same batches: what it removes and what it keeps.
+Lesson 03b scales the same formulas to GPT-2, LLaMA-2-7B and GPT-3 175B (the LoRA paper's
+figures) and finds the width at which parameter state overtakes activations.
 
-Run:  python lessons/03_full_finetuning_memory.py [--quick] [--seed N]
+Run:  python lessons/03a_step_memory.py [--quick] [--seed N]
 """
 
 from __future__ import annotations
-
-import argparse
-import os
-import time
-from pathlib import Path
 
 import matplotlib
 
@@ -60,39 +46,24 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: random batches, tables and the figure
 
 from minipeft import backend as bk
-from minipeft.memory import (
-    gpt_activation_breakdown,
-    gpt_activation_bytes,
-    measure_step,
-    training_memory_formula,
-)
+from minipeft import lessonkit
+from minipeft.memory import gpt_activation_breakdown, gpt_activation_bytes, measure_step
 from minipeft.nn import GPT, GPTConfig
-from minipeft.params import (
-    PRESETS,
-    count_parameters,
-    lora_parameter_count,
-    spec_from_config,
-    with_overrides,
-)
 from minipeft.peft import LoraConfig, full_finetuning, get_peft_model
 
-SEED = 0
 CONFIG = "S"                       # the study's small config (the bench's S too)
 MODEL = dict(vocab_size=512, n_embd=128, n_layer=4, n_head=4, block_size=128)
 BATCHES, CONTEXTS = (8, 16), (64, 128)
 QUICK_BATCHES, QUICK_CONTEXTS = (2, 4), (16, 32)
 LORA = dict(r=8, alpha=16)         # on q_proj and v_proj, as in the LoRA paper
-REAL_MODELS = ("gpt2-124m", "llama2-7b", "gpt3-175b")
-REAL_LORA_R = 4                    # the LoRA paper's GPT-3 setting (Sec. 4.2): r = 4 on q, v
-PUBLISHED = {"full": 1.2e12, "lora": 350e9, "fewer_params": 10_000, "less_memory": 3}
-FLIP_TOKENS = (16, 128)            # (B, T_ctx) held fixed while the width grows: config S's
-FLIP_CHECK = (4, 128)              # a smaller B x T_ctx whose crossing we can build and measure
-QUICK_FLIP_CHECK = (1, 32)
-OUT_NAME = "03_full_finetuning_memory.png"
-MiB, GB = 2 ** 20, 1e9
+OUT_NAME = "03a_step_memory.png"
+MiB = 2 ** 20
 CATS = ("weights", "gradients", "optimizer", "activations")
 
 
+# --------------------------------------------------------------------------- the measurement
+# Every part measures one training step of a freshly built model on a random batch:
+# ``measure_step`` walks the graph (predicted) and reads the allocator (measured).
 def random_batch(cfg: GPTConfig, B: int, T: int, seed: int):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, cfg.vocab_size, (B, T))
@@ -108,6 +79,8 @@ def step_memory(cfg: GPTConfig, peft_config, B: int, T: int, seed: int):
 
 # --------------------------------------------------------------------------- (a) full FT, B x T
 def full_ft_grid(cfg: GPTConfig, batches, contexts, seed: int) -> list[dict]:
+    """Does W + G + O stay put while the activations grow with B and T? Full fine-tuning at
+    every (B, T) of the grid, predicted beside measured, and verdicts on how A scales."""
     print(f"\n(a) Full fine-tuning of config {CONFIG} ({cfg.n_layer} layers, C={cfg.n_embd}, "
           f"V={cfg.vocab_size}), fp32, AdamW: one training step, MiB\n")
     print(f"    {'B':>3} {'T':>4} {'B*T':>5} " + " ".join(f"{c:>17}" for c in CATS)
@@ -190,6 +163,8 @@ def full_ft_grid(cfg: GPTConfig, batches, contexts, seed: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- (b) per layer
 def per_layer(cfg: GPTConfig, row: dict) -> dict:
+    """Where are the activations? The graph walk credits each buffer to the block that made
+    it; the closed formula splits one block into its terms."""
     B, T = row["B"], row["T"]
     f = gpt_activation_breakdown(B, T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size)
     formula = {"embeddings": f["embeddings"], "head": f["head"],
@@ -218,7 +193,8 @@ def per_layer(cfg: GPTConfig, row: dict) -> dict:
 
 # --------------------------------------------------------------------------- (c) LoRA, measured
 def lora_vs_full(cfg: GPTConfig, settings, seed: int) -> list[dict]:
-    """Full FT and LoRA measured on the same batches, at each (B, T) of ``settings``."""
+    """What does LoRA remove? Full FT and LoRA measured on the same batches, at each (B, T) of
+    ``settings``; verdicts on the activations and the peak, with a 2% margin."""
     results = []
     for B, T in settings:
         out = {"B": B, "T": T}
@@ -286,186 +262,12 @@ def lora_vs_full(cfg: GPTConfig, settings, seed: int) -> list[dict]:
     return results
 
 
-# --------------------------------------------------------------------------- (d) real models
-def accountings(n: int, t: int, act16: int, act32: int) -> dict:
-    """Bytes of a step for n parameters, t trainable, in three precisions (see the docstring)."""
-    fp32 = training_memory_formula(n, t, 4, "adam", activations_bytes=act32)
-    pure16 = training_memory_formula(n, t, 2, "adam", activations_bytes=act16)
-    mixed = training_memory_formula(n, t, 2, "sgd", activations_bytes=act16)  # 16-bit W and G
-    mixed["optimizer"] = 3 * 4 * t                 # fp32 master copy, m and v of what trains
-    mixed["total"] = sum(mixed[k] for k in ("weights", "gradients", "optimizer", "activations",
-                                            "workspace"))
-    return {"fp32 + AdamW": fp32, "mixed (2+2+12 B)": mixed, "all 16-bit (2+2+4 B)": pure16}
-
-
-def real_models() -> dict:
-    print(f"\n(d) The same formula on real models: full fine-tuning vs LoRA r={REAL_LORA_R} on "
-          "q, v; activations for ONE sequence at\n    the full context, as our engine saves "
-          "them (no recomputation, no fused attention; LoRA: frozen tables, its branches'\n"
-          "    own intermediates not counted), GB = 1e9 bytes\n")
-    print(f"    {'model':<11} {'accounting':<21} {'method':<5} {'trainable':>13} {'W':>8} "
-          f"{'G':>8} {'O':>8} {'W+G+O':>8} {'A(1 seq)':>9}")
-    out = {}
-    for key in REAL_MODELS:
-        s = PRESETS[key]
-        n = count_parameters(s)["total"]
-        t_lora = lora_parameter_count(s, REAL_LORA_R)
-        act, act_frozen = ({bpv: gpt_activation_bytes(1, s.block_size, s.d_model, s.n_layer,
-                                                      s.n_head, s.vocab_size, bpv,
-                                                      trainable_embeddings=emb)
-                            for bpv in (2, 4)} for emb in (True, False))  # LoRA: frozen tables
-        out[key] = {"params": n, "lora_trainable": t_lora, "rows": {}}
-        for method, t, a in (("full", n, act), ("LoRA", t_lora, act_frozen)):
-            for acc, r in accountings(n, t, a[2], a[4]).items():
-                state = r["weights"] + r["gradients"] + r["optimizer"]
-                out[key]["rows"][(acc, method)] = {**r, "state": state}
-                print(f"    {s.name:<11} {acc:<21} {method:<5} {t:>13,} "
-                      f"{r['weights'] / GB:>8.1f} {r['gradients'] / GB:>8.1f} "
-                      f"{r['optimizer'] / GB:>8.1f} {state / GB:>8.1f} "
-                      f"{r['activations'] / GB:>9.1f}")
-        if s.mlp == "swiglu":
-            print(f"    ({s.name}'s activations use our GELU-MLP accounting with C={s.d_model}; "
-                  "its SwiGLU MLP differs: an estimate)")
-    return out
-
-
-def compare_published(real: dict) -> dict:
-    g = real["gpt3-175b"]
-    n, t = g["params"], g["lora_trainable"]
-    print("\n    GPT-3 175B against the LoRA paper (Sec. 4.2), parameter state W+G+O only (the "
-          "published totals\n    leave activations out, as the LoRA number shows):\n")
-    print(f"    {'accounting':<21} {'full':>9} {'LoRA':>9} {'ratio':>6}   published: full "
-          f"{PUBLISHED['full'] / 1e12:.1f} TB, LoRA {PUBLISHED['lora'] / GB:.0f} GB, "
-          f"~{PUBLISHED['less_memory']}x")
-    res = {}
-    for acc in accountings(1, 1, 0, 0):
-        full, lora = g["rows"][(acc, "full")]["state"], g["rows"][(acc, "LoRA")]["state"]
-        res[acc] = {"full": full, "lora": lora, "ratio": full / lora}
-        print(f"    {acc:<21} {full / 1e12:>6.2f} TB {lora / GB:>6.0f} GB {full / lora:>5.1f}x")
-    implied = PUBLISHED["full"] / n
-    closest = min(res, key=lambda a: abs(res[a]["full"] - PUBLISHED["full"]))
-    lora_err = abs(res[closest]["lora"] / PUBLISHED["lora"] - 1)
-    fewer = n / t
-    agrees = abs(fewer / PUBLISHED["fewer_params"] - 1) < 0.2      # "~10,000x": within 20%
-    print(f"\n    Trainable: {n:,} / {t:,} = {fewer:,.0f}x fewer (published: "
-          f"~{PUBLISHED['fewer_params']:,}x): {'agrees' if agrees else 'does NOT agree'} "
-          "(within 20%).")
-    print(f"    LoRA checkpoint: {t:,} x 2 bytes = {2 * t / 1e6:.1f} MB (published: 35 MB).")
-    print(f"    The published 1.2 TB implies {implied:.1f} bytes per parameter. Of our "
-          f"accountings, {closest!r} comes closest:\n    {res[closest]['full'] / 1e12:.2f} TB "
-          f"(= {res[closest]['full'] / 2 ** 40:.2f} TiB), and its LoRA figure, "
-          f"{res[closest]['lora'] / GB:.0f} GB, is the published 350 GB within "
-          f"{lora_err:.1%}" + (
-              ":\n    the 16-bit frozen weights alone. So the paper's numbers fit a run that "
-              "keeps Adam's state in 16-bit\n    (or shards it)"
-              if closest == "all 16-bit (2+2+4 B)" and lora_err < 0.05 else
-              ":\n    no accounting here reproduces both published figures within 5%") +
-          f"; under the standard "
-          f"mixed-precision accounting (16 B/param) full fine-tuning needs\n    "
-          f"{res['mixed (2+2+12 B)']['full'] / 1e12:.1f} TB and LoRA saves "
-          f"{res['mixed (2+2+12 B)']['ratio']:.0f}x, not 3x. Mixed precision does not shrink "
-          "parameter state at all:\n    fp32 + AdamW is also 16 B/param.")
-    act = real["gpt3-175b"]["rows"][("all 16-bit (2+2+4 B)", "full")]["activations"]
-    print(f"    Activations come on top and are the same for both methods: "
-          f"{act / GB:.0f} GB per 2048-token sequence in our\n    engine's accounting "
-          f"(attention probabilities alone: 96 layers x 96 heads x 2048^2 x 2 B = "
-          f"{96 * 96 * 2048 ** 2 * 2 / GB:.0f} GB),\n    which real trainers cut with "
-          "activation checkpointing and fused attention.")
-    return {"by_accounting": res, "implied_bytes_per_param": implied, "closest": closest,
-            "fewer_params": fewer, "lora_checkpoint_bytes": 2 * t}
-
-
-# --------------------------------------------------------------------------- (e) the flip
-def flip_curves(cfg: GPTConfig, B: int, T: int, widths) -> dict:
-    """Parameter state (fp32 AdamW) and activations from the formulas, width by width."""
-    spec = spec_from_config(cfg)
-    full, lora, act = [], [], []
-    for C in widths:
-        s = with_overrides(spec, d_model=int(C), d_ff=4 * int(C), block_size=max(T, 1))
-        n = count_parameters(s)["total"]
-        full.append(sum(training_memory_formula(n, n)[k] for k in ("weights", "gradients",
-                                                                    "optimizer")))
-        t = lora_parameter_count(s, LORA["r"])
-        lora.append(sum(training_memory_formula(n, t)[k] for k in ("weights", "gradients",
-                                                                   "optimizer")))
-        act.append(gpt_activation_bytes(B, T, int(C), cfg.n_layer, cfg.n_head, cfg.vocab_size))
-    full, lora, act = map(np.asarray, (full, lora, act))
-    return {"widths": np.asarray(widths), "full_state": full, "lora_state": lora,
-            "activations": act, "flip_full": _crossing(widths, full, act),
-            "flip_lora": _crossing(widths, lora, act)}
-
-
-def _crossing(widths, state, act) -> float | None:
-    """First width at which parameter state reaches the activations (linear interpolation)."""
-    d = np.asarray(state, float) - np.asarray(act, float)
-    idx = np.flatnonzero(d >= 0)
-    if not len(idx):
-        return None
-    i = idx[0]
-    if i == 0:
-        return float(widths[0])
-    w0, w1 = widths[i - 1], widths[i]
-    return float(w0 + (w1 - w0) * (-d[i - 1]) / (d[i] - d[i - 1]))
-
-
-def flip(cfg: GPTConfig, check: tuple, seed: int) -> dict:
-    H = cfg.n_head
-    widths = np.unique(np.round(np.geomspace(16, 2 ** 17, 240) / H).astype(int) * H)
-    B, T = FLIP_TOKENS
-    curves = flip_curves(cfg, B, T, widths)
-    print(f"\n(e) When do parameters outweigh activations? Our architecture ({cfg.n_layer} "
-          f"layers, {H} heads, V={cfg.vocab_size}), fp32 AdamW,\n    width C growing, "
-          f"B x T held at {B} x {T} = {B * T} tokens (formulas):\n")
-    print(f"    full fine-tuning: W+G+O (16 B/param) passes the activations at C ~ "
-          f"{curves['flip_full']:.0f}")
-    print(f"    LoRA r={LORA['r']} q,v:     W+G+O (~W, 4 B/param) passes them at C ~ "
-          f"{curves['flip_lora']:.0f}")
-    table = {}
-    for tokens in ((1, 128), (4, 128), (16, 128), (16, 512), (64, 512)):
-        c = flip_curves(cfg, *tokens, widths)
-        table[tokens] = (c["flip_full"], c["flip_lora"])
-    print(f"\n    {'B x T':>10} {'tokens':>7} {'flip, full FT':>14} {'flip, LoRA':>11}")
-    show = lambda c: f"{c:.0f}" if c else f"> {widths[-1]}"
-    for (b, t), (ff, fl) in table.items():
-        print(f"    {f'{b} x {t}':>10} {b * t:>7} {show(ff):>14} {show(fl):>11}")
-    fixed_t = [(b * t, ff) for (b, t), (ff, _) in table.items() if t == 128 and ff]
-    slope = np.polyfit(np.log([x for x, _ in fixed_t]), np.log([f for _, f in fixed_t]), 1)[0]
-    how = "about linearly" if 0.8 <= slope <= 1.2 else "NOT linearly"
-    print(f"    At T = 128 the flip width grows {how} with the tokens per step (log-log slope "
-          f"{slope:.2f}; linear: 0.8 to 1.2):\n    parameter state ~ C^2, activations ~ tokens "
-          "x C.")
-
-    # check: measure around the predicted crossing at a token count small enough to build
-    cb, ct = check
-    pred = flip_curves(cfg, cb, ct, widths)["flip_full"]
-    measure_widths = sorted({max(H, int(round(pred * f / H)) * H) for f in (0.5, 0.8, 1.25, 2)})
-    print(f"\n    Check by measurement at B x T = {cb} x {ct} (formula's flip: C ~ {pred:.0f}):")
-    print(f"    {'C':>6} {'W+G+O MiB':>10} {'A MiB':>8} {'state/A':>8}")
-    measured = []
-    for C in measure_widths:
-        c = GPTConfig(vocab_size=cfg.vocab_size, block_size=ct, n_layer=cfg.n_layer,
-                      n_head=H, n_embd=C)
-        _, mem = step_memory(c, full_finetuning(), cb, ct, seed)
-        m = mem.measured
-        state = m["weights"] + m["gradients"] + m["optimizer"]
-        measured.append({"C": C, "state": state, "activations": m["activations"]})
-        print(f"    {C:>6} {state / MiB:>10.2f} {m['activations'] / MiB:>8.2f} "
-              f"{state / m['activations']:>8.2f}")
-    below = [r for r in measured if r["C"] < pred]
-    above = [r for r in measured if r["C"] > pred]
-    agrees = all(r["state"] < r["activations"] for r in below) and \
-        all(r["state"] > r["activations"] for r in above)
-    print(f"    measured: the balance flips between the widths the formula brackets: "
-          f"{'yes' if agrees else 'NO'}")
-    return {**curves, "table": table, "check": {"tokens": check, "predicted_flip": pred,
-                                                "measured": measured, "agrees": agrees}}
-
-
 # --------------------------------------------------------------------------- the figure
-def save_figure(grid, layers, lora, real, flipped, path: Path) -> None:
+def figure(grid, layers, lora):
+    """(a) the grid stacked, (b) by layer and by term, (c) full FT beside LoRA."""
     colors = dict(weights="tab:blue", gradients="tab:orange", optimizer="tab:green",
                   activations="tab:red")
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
 
     ax = axes[0, 0]
     labels, x = [], 0
@@ -495,14 +297,14 @@ def save_figure(grid, layers, lora, real, flipped, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
 
-    ax = axes[0, 2]
+    ax = axes[1, 0]
     terms = {k: v for k, v in layers["terms"].items() if v}
     ax.barh(list(terms), [v / MiB for v in terms.values()], color="tab:red")
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
     ax.set_title("One block's activations, term by term")
 
-    ax = axes[1, 0]
+    ax = axes[1, 1]
     ticks = []
     for j, r in enumerate(lora):
         for i, name in enumerate(("full", "lora")):
@@ -519,62 +321,17 @@ def save_figure(grid, layers, lora, real, flipped, path: Path) -> None:
     acts = "shrink" if v["shrank"] else ("stay, and grow here" if v["grew"] else "stay")
     ax.set_title(f"LoRA removes G and O; activations {acts}")
     ax.legend(fontsize=8)
-
-    ax = axes[1, 1]
-    acc = "all 16-bit (2+2+4 B)"
-    xs = np.arange(len(real))
-    width = 0.1             # side by side, not stacked: on a log scale stacked heights lie
-    for j, method in enumerate(("full", "LoRA")):
-        for i, c in enumerate(CATS):
-            v = np.array([real[k]["rows"][(acc, method)][c] / GB for k in real])
-            ax.bar(xs + width * (4 * j + i), np.maximum(v, 1e-6), width * 0.9, color=colors[c],
-                   hatch="" if method == "full" else "//", edgecolor="k", lw=0.3)
-    ax.set_xticks(xs + width * 3.5, [f"{PRESETS[k].name}\nfull | LoRA" for k in real],
-                  fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("GB (16-bit W, G, m, v; one sequence)")
-    ax.axhline(PUBLISHED["full"] / GB, color="k", ls="--", lw=1)
-    ax.axhline(PUBLISHED["lora"] / GB, color="k", ls=":", lw=1)
-    ax.text(0, PUBLISHED["full"] / GB * 1.1, "LoRA paper: GPT-3 full 1.2 TB", fontsize=7)
-    ax.text(0, PUBLISHED["lora"] / GB * 1.1, "LoRA paper: GPT-3 LoRA 350 GB", fontsize=7)
-    ax.set_title("Real models from the formula")
-
-    ax = axes[1, 2]
-    w = flipped["widths"]
-    ax.loglog(w, flipped["full_state"] / MiB, color="tab:green", label="W+G+O, full FT")
-    ax.loglog(w, flipped["lora_state"] / MiB, color="tab:olive", label="W+G+O, LoRA")
-    ax.loglog(w, flipped["activations"] / MiB, color="tab:red",
-              label=f"activations, B x T = {FLIP_TOKENS[0]} x {FLIP_TOKENS[1]}")
-    for key, ls in (("flip_full", "--"), ("flip_lora", ":")):
-        if flipped[key]:
-            ax.axvline(flipped[key], color="k", ls=ls, lw=1)
-            ax.text(flipped[key] * 1.05, ax.get_ylim()[0] * 3, f"C ~ {flipped[key]:.0f}",
-                    fontsize=8, rotation=90)
-    for r in flipped["check"]["measured"]:
-        ax.plot(r["C"], r["state"] / MiB, "g^", ms=5)
-        ax.plot(r["C"], r["activations"] / MiB, "rv", ms=5)
-    ax.set_xlabel("width C")
-    ax.set_ylabel("MiB")
-    ax.set_title("Width at which parameter state overtakes activations\n"
-                 f"(triangles: measured at B x T = {flipped['check']['tokens'][0]} x "
-                 f"{flipped['check']['tokens'][1]})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small batches and contexts")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args = lessonkit.arguments(__doc__, quick="small batches and contexts").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     cfg = GPTConfig(**MODEL)
     batches, contexts = (QUICK_BATCHES, QUICK_CONTEXTS) if args.quick else (BATCHES, CONTEXTS)
-    print(f"Lesson 03: the memory of full fine-tuning (config {CONFIG}, backend {bk.name}, "
-          f"seed {args.seed}{', quick' if args.quick else ''})")
+    print(f"Lesson 03a: the memory of one step of full fine-tuning (config {CONFIG}, backend "
+          f"{bk.name}, seed {args.seed}{', quick' if args.quick else ''})")
 
     grid = full_ft_grid(cfg, batches, contexts, args.seed)
     largest = max(grid, key=lambda r: r["B"] * r["T"])
@@ -582,18 +339,12 @@ def main(argv=None) -> dict:
     smallest = min(grid, key=lambda r: r["B"] * r["T"])
     lora = lora_vs_full(cfg, [(smallest["B"], smallest["T"]), (largest["B"], largest["T"])],
                         args.seed)
-    real = real_models()
-    published = compare_published(real)
-    flipped = flip(cfg, QUICK_FLIP_CHECK if args.quick else FLIP_CHECK, args.seed)
 
-    out_dir = Path(os.environ.get("MINIPEFT_LESSON_OUT") or Path(__file__).resolve().parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OUT_NAME
-    save_figure(grid, layers, lora, real, flipped, path)
-    seconds = time.perf_counter() - start
+    path = lessonkit.save_figure(figure(grid, layers, lora), OUT_NAME)
+    seconds = clock.seconds()
     print(f"\n    figure saved to {path}  ({seconds:.0f} s in all)")
-    return {"grid": grid, "layers": layers, "lora": lora, "real": real,
-            "published": published, "flip": flipped, "figure": str(path), "seconds": seconds}
+    return {"grid": grid, "layers": layers, "lora": lora, "figure": str(path),
+            "seconds": seconds}
 
 
 if __name__ == "__main__":
