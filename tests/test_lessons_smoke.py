@@ -1,42 +1,22 @@
 """Each lesson runs with ``--quick`` and what it measured is checked, not just that it ran.
 
 A lesson's ``main(argv)`` returns a dict of its measurements. ``run_lesson("01_autograd",
-"--quick")`` loads ``lessons/01_autograd.py`` by path (lesson names start with a digit, so they are
-not importable modules) and calls it. Figures go to a temporary folder through
-``MINIPEFT_LESSON_OUT``, so tests never write into the repository.
+"--quick")`` (from conftest.py) loads ``lessons/01_autograd.py`` by path (lesson names start with
+a digit, so they are not importable modules) and calls it. Figures go to a temporary folder
+through ``MINIPEFT_LESSON_OUT`` (the ``lesson_out`` fixture), so tests never write into the
+repository.
 
 To add a lesson: one test that calls ``run_lesson`` and asserts on the returned numbers.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import run_lesson
 
-LESSONS = Path(__file__).resolve().parents[1] / "lessons"
-
-
-def load_lesson(name: str):
-    """Import ``lessons/<name>.py`` as a fresh module."""
-    path = LESSONS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_lesson(name: str, *args: str) -> dict:
-    """Run a lesson's ``main`` with command-line ``args``; returns what it measured."""
-    return load_lesson(name).main(list(args))
-
-
-@pytest.fixture(autouse=True)
-def lesson_out(tmp_path, monkeypatch) -> Path:
-    """Lessons save their figures here instead of lessons/out/."""
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("lesson_out")   # every lesson writes into tmp_path
 
 
 def test_01_autograd(lesson_out):
@@ -417,11 +397,12 @@ def test_07_adapters(lesson_out, shared_quick_cache, monkeypatch):
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
+def test_08a_prompt_tuning(lesson_out, shared_quick_cache, monkeypatch):
     monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
-    m = run_lesson("08_soft_prompts", "--quick", "--seed", "0")
+    m = run_lesson("08a_prompt_tuning", "--quick", "--seed", "0")
     rows = m["rows"]
     # (a) a prompt of n virtual tokens trains n x C numbers; the model is otherwise frozen
+    # (fault caught: a prompt config whose length is ignored, or a base left trainable)
     C = rows["vocab n=1"]["trainable"]
     assert rows["vocab n=4"]["trainable"] == 4 * C and rows["vocab n=16"]["trainable"] == 16 * C
     assert len(m["per_position"]) > 0 and all(0 <= a <= 1 for a in m["per_position"])
@@ -431,12 +412,28 @@ def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
     assert c["kept"] < c["trained"] and c["bytes_table"] < c["bytes_mlp"]
     # (c) retraining the embeddings learns the new marker (better than before training)
     assert rows["embedding-only"]["token_acc"] > m["before_tok"]
-    # (d) every model timed; the extra positions are counted
+    # the match threshold is measured on the embedding: a symbol's nearest other symbol, in (0, 1]
+    assert 0 < m["task_threshold"] <= 1
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_08b_prompt_cost(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("08b_prompt_cost", "--quick", "--seed", "0")
+    # (d) every model timed; the extra positions are counted (fault caught: a prompt that is
+    # not prepended in the forward, or a prefix that runs through the layers like a prompt)
     assert all(v > 0 for v in m["forward_ms"].values()) and 0 <= m["noise"]
     f = m["forward_flops"]          # counted: more positions, more matmul work
     assert f["base"] == f["base (again)"] == f["embedding-only"]
     assert f["base"] < f["prompt n=1"] < f["prompt n=4"] < f["prompt n=16"]
     assert f["base"] < f["prefix n=4"] < f["prompt n=4"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_08c_reading_prompts(lesson_out):
+    m = run_lesson("08c_reading_prompts", "--quick", "--seed", "0")
     # (e) the language prompt: loss fell; random-init vectors match no word; a vocab init
     #     starts exactly at a word; purities and the chance level are proper fractions
     lang = m["language"]
@@ -451,7 +448,7 @@ def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
             assert r["initial"]["max_cos"] > 0.999
     assert len(lang["chance"]["purities"]) == 5 and 0 < lang["chance"]["mean"] <= 1
     # the match threshold is measured on the embedding: a word's nearest other word, in (0, 1]
-    assert 0 < lang["chance"]["match"] <= 1 and 0 < m["task_threshold"] <= 1
+    assert 0 < lang["chance"]["match"] <= 1
     assert m["none_match"] == {i: max(s["max_cos"]) < lang["chance"]["match"]
                                for i, s in m["summary"].items()}
     fig = Path(m["figure"])
