@@ -25,8 +25,8 @@ a synthetic language whose words have known categories (animals, foods, times, .
 Then the verdicts, each against the random vectors' level and the seeds' spread.
 
 Run:  python lessons/08c_reading_prompts.py [--quick] [--seed N]
-(--seed is not used by the language part, which runs its own seeds LANG_SEEDS; it is accepted
-for uniformity with the other lessons.)
+(--seed N shifts the prompts' seeds to N + LANG_SEEDS; the language base is always the cached
+seed-0 one.)
 """
 
 from __future__ import annotations
@@ -271,8 +271,6 @@ def read(lang: dict) -> dict:
     return summary
 
 
-
-
 # --------------------------------------------------------------------------- verdicts
 def verdicts(lang: dict, summary: dict) -> dict:
     """Row 8 on the language base, and both halves of row 11, each chosen by the numbers
@@ -359,7 +357,7 @@ def main(argv=None) -> dict:
     E = bk.to_numpy(base.tok_emb.weight.data).copy()                # (V, C) frozen vocabulary
     lang = {"base": base, "tok": WordTokenizer(), "E": E, "quick": args.quick,
             "word_norm": float(np.linalg.norm(E, axis=1).mean())}
-    steer(lang, QUICK_LANG_SEEDS if args.quick else LANG_SEEDS,
+    steer(lang, tuple(args.seed + s for s in (QUICK_LANG_SEEDS if args.quick else LANG_SEEDS)),
           QUICK_LANG_STEPS if args.quick else LANG_STEPS, QUICK_BATCH if args.quick else BATCH,
           QUICK_LANG_SAMPLES if args.quick else LANG_SAMPLES, not args.quick)
     summary = read(lang)
