@@ -195,10 +195,11 @@ def main(argv=None) -> dict:
     runs = {name: [finetune(base, cfg, lr, args.seed + k, run, evalset, f"{name} seed {k + 1}")
                    for k in (0, 1)]                                 # two seeds: the noise
             for name, cfg in (("default", lcfg), ("PiSSA", pcfg))}
-    out.update(race(runs["default"], runs["PiSSA"], measure(base, *evalset)["loss"]))
+    base_loss = measure(base, *evalset)["loss"]                     # both curves start here
+    out.update(race(runs["default"], runs["PiSSA"], base_loss))
     path = lessonkit.save_figure(figure(runs["default"][0], runs["PiSSA"][0], out), FIGURE)
     print(f"\nfigure saved to {path}; lesson ran in {clock.seconds():.0f} s")
-    return {"pissa": out, "base_loss": measure(base, *evalset)["loss"], "figure": str(path),
+    return {"pissa": out, "base_loss": base_loss, "figure": str(path),
             "seconds": clock.seconds()}
 
 
