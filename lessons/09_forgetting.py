@@ -28,18 +28,26 @@ Which methods: the lr x seed grid is run here for full fine-tuning and LoRA (r =
 fit the lesson's time. ``--sweep FILE`` runs the same grid for every method of the study and
 writes one CSV row per run; ``09_sweep.csv`` beside this file is such a recorded sweep, printed
 at the end, labelled as recorded, when it exists.
+
+The parts, in the order they run:
+    (a) the lr x seed grid for full fine-tuning and LoRA; each method's most favourable lr;
+    (b, c) each method at that lr again with 10% rehearsal and (LoRA) with the marker row
+        frozen: the closing table, and what the models answer on <copy> rows;
+    the verdicts, each chosen by the printed numbers against max(MARGIN, the seeds' spread);
+    (d) the recorded sweep of every method, when 09_sweep.csv exists (``--sweep`` makes it).
+
+Run:  python lessons/09_forgetting.py [--quick] [--seed N] [--sweep FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
-import os
 import statistics
 from pathlib import Path
 
+from minipeft import lessonkit
 from minipeft.experiment import StudyConfig, method_specs, run_study
 from minipeft.verdicts import differs, spread
 
@@ -55,15 +63,10 @@ MARGIN = 5.0            # points: smaller differences are never called "less" or
 REHEARSAL = 0.1         # part (b): this fraction of training rows comes from the old tasks
 TASK_B = "shift"
 RECORDED = Path(__file__).resolve().parent / "09_sweep.csv"
+FIGURE = "09_forgetting.png"
 
 
-def out_dir() -> Path:
-    root = Path(__file__).resolve().parent
-    out = Path(os.environ.get("MINIPEFT_LESSON_OUT", root / "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
+# --------------------------------------------------------------------------- reading runs
 def pts(v):
     return None if v is None else 100 * v
 
@@ -87,6 +90,12 @@ def groups(records) -> dict:
     return out
 
 
+def label(method: str, rehearsal: float, marker: bool) -> str:
+    return (f"{method}, rehearsal {rehearsal:.0%}"
+            + ("" if marker else ", marker frozen"))
+
+
+# --------------------------------------------------------------------------- (a) the grid
 def choose_lr(records, method: str) -> float:
     """A method's most favourable lr: among those at which every seed reached MATCH_TOK, the
     lowest mean forgetting at matched quality; if none, the best final task-B token accuracy."""
@@ -110,6 +119,19 @@ def print_grid(records) -> None:
               f"{cell([pts(r.forgetting_at_match) for r in rs], 16)}")
 
 
+def lr_grid(study: StudyConfig) -> tuple[list, dict]:
+    """(a) Every method of GRID_METHODS at each lr and seed, from the same base: task-B tokens
+    learnt, and old-task exact match lost at the end and at matched quality. Returns the runs
+    and each method's most favourable lr (``choose_lr``)."""
+    grid = run_study(study)
+    print_grid(grid)
+    best = {m: choose_lr(grid, m) for m in GRID_METHODS}
+    print("\n    each method's most favourable lr: "
+          + ", ".join(f"{m} {lr:.0e}" for m, lr in best.items()))
+    return grid, best
+
+
+# --------------------------------------------------------------------------- (b, c) conditions
 def summary_rows(conditions: dict) -> list[dict]:
     """One row per (label -> runs of each seed): the numbers of the closing table."""
     rows = []
@@ -155,6 +177,36 @@ def print_copy(rows, before) -> None:
                   f"{c['other']:>8.1%}")
 
 
+def conditions_at_best_lr(study: StudyConfig, grid: list, best: dict) -> dict:
+    """(b) rehearsal and (c) the marker row frozen, each method at its most favourable lr,
+    beside the grid's run at that lr: the closing table, and what <copy> rows now get."""
+    records = list(grid)
+    for m, lr in best.items():
+        one = dataclasses.replace(study, methods=(m,), lr_mults=(lr / method_specs()[m].lr,))
+        records += run_study(dataclasses.replace(one, rehearsal=REHEARSAL), log=lambda s: None)
+        if m != "full":              # full fine-tuning trains the marker row anyway
+            records += run_study(dataclasses.replace(one, train_marker=False),
+                                 log=lambda s: None)
+    conditions = {}
+    for (m, lr, reh, marker), rs in groups(records).items():
+        if math.isclose(lr, best[m], rel_tol=1e-9):   # lr0 * (lr / lr0) may differ by an ulp
+            conditions[label(m, reh, marker)] = rs
+    rows = summary_rows(conditions)
+    first = grid[0]
+    before = {"b_em": first.curve[0]["b_em"], "b_tok": first.curve[0]["b_tok"],
+              "old_loss": first.a_loss_before, "old_tok": first.a_tok_before,
+              "old_em": first.a_em_before, "copy": first.copy_outputs_before}
+    print(f"\n(b, c) Each method at its most favourable lr: no rehearsal, {REHEARSAL:.0%} "
+          "rehearsal, and the marker row frozen\n    (points; mean ± sd over seeds; old = "
+          "mean over the old tasks; forgot @ match: read where task-B tokens crossed "
+          f"{MATCH_TOK:.0%})")
+    print_summary(rows, before)
+    if before["copy"]:
+        print_copy(rows, before)
+    return {"records": records, "conditions": conditions, "rows": rows, "before": before}
+
+
+# --------------------------------------------------------------------------- verdicts
 def compare(peft_row, full_row, key: str) -> tuple[str, str]:
     """(verdict word, numbers) for one PEFT row against full FT on forgetting ``key``."""
     p, f = peft_row[key], full_row[key]
@@ -169,6 +221,8 @@ def compare(peft_row, full_row, key: str) -> tuple[str, str]:
 
 
 def verdicts(rows) -> list[str]:
+    """The claim, per PEFT method and rehearsal, against full fine-tuning: at matched quality
+    and at the end; then what rehearsal and a frozen marker changed; then the overall line."""
     by = {r["label"]: r for r in rows}
     lines, held = [], {}
     words = {"less": "forgot clearly less than full fine-tuning",
@@ -233,12 +287,75 @@ def verdicts(rows) -> list[str]:
     return lines
 
 
-def label(method: str, rehearsal: float, marker: bool) -> str:
-    return (f"{method}, rehearsal {rehearsal:.0%}"
-            + ("" if marker else ", marker frozen"))
+def judge(conditions: dict, rows: list, best: dict, quick: bool) -> dict:
+    """Can this run answer the question (every seed of full FT and of a PEFT method reached
+    MATCH_TOK)? Then print the verdict lines."""
+    reached = {m: all(r.a_em_at_match is not None for r in conditions[label(m, 0.0, True)])
+               for m in best}
+    print()
+    if not reached.get("full") or not any(v for m, v in reached.items() if m != "full"):
+        print(f"This run cannot answer the question: full fine-tuning and at least one PEFT "
+              f"method must reach {MATCH_TOK:.0%} of task-B tokens in every seed (reached: "
+              + ", ".join(f"{m} {'yes' if v else 'no'}" for m, v in reached.items())
+              + ")." + (" Quick mode is too short; run without --quick." if quick else ""))
+    text = "\n".join(verdicts(rows))
+    print(text)
+    return {"reached": reached, "verdict": text}
 
 
-def plot(conditions: dict, rows, path: Path) -> None:
+# --------------------------------------------------------------------------- (d) the sweep
+SWEEP_FIELDS = ("method", "lr", "seed", "rehearsal", "train_marker", "b_em", "b_tok",
+                "a_em_before", "a_em_after", "a_tok_after", "forgetting", "forgetting_at_match")
+
+
+def write_sweep(records, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SWEEP_FIELDS)
+        for r in records:
+            w.writerow([getattr(r, k) for k in SWEEP_FIELDS])
+
+
+def sweep_every_method(study: StudyConfig, path: Path) -> list:
+    """``--sweep``: the grid for every method of the study, without and with rehearsal, one CSV
+    row per run (this is how 09_sweep.csv was made)."""
+    every = tuple(method_specs())
+    records = []
+    for reh in (0.0, REHEARSAL):
+        records += run_study(dataclasses.replace(study, methods=every, rehearsal=reh))
+    write_sweep(records, path)
+    print(f"wrote {path}")
+    return records
+
+
+def print_recorded(path: Path) -> None:
+    """The recorded sweep, per method at its most favourable lr (labelled: not run now)."""
+    rows = list(csv.DictReader(open(path)))
+    if not rows:
+        return
+    print(f"\n(d) RECORDED, not measured in this run: {path.name} ({len(rows)} runs; "
+          "reproduce with --sweep). Per method and rehearsal, the lr with the least forgetting "
+          "at matched quality:\n")
+    print(f"    {'method':<12} {'rehearsal':>9} {'lr':>7} {'B tokens':>13} {'forgot @ match':>16}")
+    num = lambda v: None if v in ("", "None") else float(v)  # noqa: E731
+    keys = dict.fromkeys((r["method"], r["rehearsal"]) for r in rows if r["train_marker"] == "True")
+    for m, reh in keys:
+        by = {}
+        for r in rows:
+            if (r["method"], r["rehearsal"], r["train_marker"]) == (m, reh, "True"):
+                by.setdefault(r["lr"], []).append(r)
+        best = min(by, key=lambda lr: (any(num(r["forgetting_at_match"]) is None
+                                           for r in by[lr]),
+                                       statistics.mean(num(r["forgetting_at_match"]) or 0
+                                                       for r in by[lr])))
+        rs = by[best]
+        print(f"    {m:<12} {float(reh):>9.0%} {float(best):>7.0e} "
+              f"{cell([100 * float(r['b_tok']) for r in rs])} "
+              f"{cell([pts(num(r['forgetting_at_match'])) for r in rs], 16)}")
+
+
+# --------------------------------------------------------------------------- the figure
+def figure(conditions: dict, rows):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,53 +388,11 @@ def plot(conditions: dict, rows, path: Path) -> None:
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel(f"old-task exact match lost at {MATCH_TOK:.0%} task-B tokens (points)")
     ax.set_title("Forgetting at matched quality (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-SWEEP_FIELDS = ("method", "lr", "seed", "rehearsal", "train_marker", "b_em", "b_tok",
-                "a_em_before", "a_em_after", "a_tok_after", "forgetting", "forgetting_at_match")
-
-
-def write_sweep(records, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(SWEEP_FIELDS)
-        for r in records:
-            w.writerow([getattr(r, k) for k in SWEEP_FIELDS])
-
-
-def print_recorded(path: Path) -> None:
-    """The recorded sweep, per method at its most favourable lr (labelled: not run now)."""
-    rows = list(csv.DictReader(open(path)))
-    if not rows:
-        return
-    print(f"\n(d) RECORDED, not measured in this run: {path.name} ({len(rows)} runs; "
-          "reproduce with --sweep). Per method and rehearsal, the lr with the least forgetting "
-          "at matched quality:\n")
-    print(f"    {'method':<12} {'rehearsal':>9} {'lr':>7} {'B tokens':>13} {'forgot @ match':>16}")
-    num = lambda v: None if v in ("", "None") else float(v)  # noqa: E731
-    keys = dict.fromkeys((r["method"], r["rehearsal"]) for r in rows if r["train_marker"] == "True")
-    for m, reh in keys:
-        by = {}
-        for r in rows:
-            if (r["method"], r["rehearsal"], r["train_marker"]) == (m, reh, "True"):
-                by.setdefault(r["lr"], []).append(r)
-        best = min(by, key=lambda lr: (any(num(r["forgetting_at_match"]) is None
-                                           for r in by[lr]),
-                                       statistics.mean(num(r["forgetting_at_match"]) or 0
-                                                       for r in by[lr])))
-        rs = by[best]
-        print(f"    {m:<12} {float(reh):>9.0%} {float(best):>7.0e} "
-              f"{cell([100 * float(r['b_tok']) for r in rs])} "
-              f"{cell([pts(num(r['forgetting_at_match'])) for r in rs], 16)}")
+    return fig
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny base, 2 seeds, fewer steps")
-    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap = lessonkit.arguments(__doc__, quick="tiny base, 2 seeds, fewer steps")
     ap.add_argument("--sweep", type=Path, default=None,
                     help="run the lr x seed x rehearsal grid for EVERY method and write a CSV")
     args = ap.parse_args(argv)
@@ -331,60 +406,16 @@ def main(argv=None) -> dict:
                         match_tok=MATCH_TOK, batch_size=32 if args.quick else 64,
                         measure_costs=False, progress=False)
     if args.sweep:
-        every = tuple(method_specs())
-        records = []
-        for reh in (0.0, REHEARSAL):
-            records += run_study(dataclasses.replace(study, methods=every, rehearsal=reh))
-        write_sweep(records, args.sweep)
-        print(f"wrote {args.sweep}")
-        return {"records": records}
-
-    grid = run_study(study)
-    print_grid(grid)
-    best = {m: choose_lr(grid, m) for m in GRID_METHODS}
-    print("\n    each method's most favourable lr: "
-          + ", ".join(f"{m} {lr:.0e}" for m, lr in best.items()))
-    records = list(grid)
-    for m, lr in best.items():       # (b) rehearsal, (c) marker frozen: at that lr
-        one = dataclasses.replace(study, methods=(m,), lr_mults=(lr / method_specs()[m].lr,))
-        records += run_study(dataclasses.replace(one, rehearsal=REHEARSAL), log=lambda s: None)
-        if m != "full":              # full fine-tuning trains the marker row anyway
-            records += run_study(dataclasses.replace(one, train_marker=False),
-                                 log=lambda s: None)
-    conditions = {}
-    for (m, lr, reh, marker), rs in groups(records).items():
-        if math.isclose(lr, best[m], rel_tol=1e-9):   # lr0 * (lr / lr0) may differ by an ulp
-            conditions[label(m, reh, marker)] = rs
-    rows = summary_rows(conditions)
-    first = grid[0]
-    before = {"b_em": first.curve[0]["b_em"], "b_tok": first.curve[0]["b_tok"],
-              "old_loss": first.a_loss_before, "old_tok": first.a_tok_before,
-              "old_em": first.a_em_before, "copy": first.copy_outputs_before}
-    print(f"\n(b, c) Each method at its most favourable lr: no rehearsal, {REHEARSAL:.0%} "
-          "rehearsal, and the marker row frozen\n    (points; mean ± sd over seeds; old = "
-          "mean over the old tasks; forgot @ match: read where task-B tokens crossed "
-          f"{MATCH_TOK:.0%})")
-    print_summary(rows, before)
-    if before["copy"]:
-        print_copy(rows, before)
-    reached = {m: all(r.a_em_at_match is not None for r in conditions[label(m, 0.0, True)])
-               for m in best}
-    print()
-    if not reached.get("full") or not any(v for m, v in reached.items() if m != "full"):
-        print(f"This run cannot answer the question: full fine-tuning and at least one PEFT "
-              f"method must reach {MATCH_TOK:.0%} of task-B tokens in every seed (reached: "
-              + ", ".join(f"{m} {'yes' if v else 'no'}" for m, v in reached.items())
-              + ")." + (" Quick mode is too short; run without --quick." if args.quick else ""))
-    lines = verdicts(rows)
-    text = "\n".join(lines)
-    print(text)
+        return {"records": sweep_every_method(study, args.sweep)}
+    grid, best = lr_grid(study)
+    bc = conditions_at_best_lr(study, grid, best)
+    found = judge(bc["conditions"], bc["rows"], best, args.quick)
     if RECORDED.is_file():
         print_recorded(RECORDED)
-    path = out_dir() / "09_forgetting.png"
-    plot(conditions, rows, path)
+    path = lessonkit.save_figure(figure(bc["conditions"], bc["rows"]), FIGURE, dpi=110)
     print(f"saved {path}")
-    return {"rows": rows, "records": records, "grid": grid, "best_lr": best,
-            "conditions": conditions, "before": before, "verdict": text, "reached": reached,
+    return {"rows": bc["rows"], "records": bc["records"], "grid": grid, "best_lr": best,
+            "conditions": bc["conditions"], "before": bc["before"], **found,
             "figure": str(path)}
 
 

@@ -25,16 +25,19 @@ forgets is its loss on the old domain's held-out text. We do the same, small:
      difference larger than the seeds' spread is called one.
 
     bits/char = nats/token x tokens / characters / ln 2
+
+The parts below follow these steps: ``the_base`` (1), ``continue_on_code`` (2-3) with
+``samples`` read by eye, ``forgetting`` (4), then the figure of the paths.
+
+Run:  python lessons/12_real_text.py [--quick] [--seed N]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-from pathlib import Path
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft import realtext as rt
 from minipeft.base import base_domains, load_base
 from minipeft.nn import generate
@@ -47,37 +50,18 @@ EVAL_WINDOWS = 48      # held-out windows of 64 tokens per domain per evaluation
 QUICK = dict(base="shakespeare_quick", methods=("full", "lora_r8_all"), seeds=(0, 1), steps=40,
              eval_windows=16)
 PROMPTS = {"code": "def ", "plays": "\nHAMLET:\n"}
-
-
-def out_dir() -> Path:
-    root = Path(__file__).resolve().parent
-    out = Path(os.environ.get("MINIPEFT_LESSON_OUT", root / "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def sample(model, tok, prompt: str, tokens: int, seed: int) -> str:
-    """A short continuation of ``prompt`` (temperature 0.8, top 40)."""
-    ids = bk.asarray(tok.encode(prompt)[None, :])                 # (1, P)
-    out = generate(model.eval(), ids, tokens, temperature=0.8, top_k=40, seed=seed)
-    return tok.decode(bk.to_numpy(out)[0])
+FIGURE = "12_real_text.png"
 
 
 def show(text: str, indent: str = "    | ") -> str:
     return indent + text.strip().replace("\n", "\n" + indent)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny base, 2 methods, 2 seeds")
-    ap.add_argument("--seed", type=int, default=0, help="first seed")
-    args = ap.parse_args(argv)
-    setup = dict(QUICK) if args.quick else dict(base=BASE, methods=METHODS, seeds=SEEDS,
-                                                steps=STEPS, eval_windows=EVAL_WINDOWS)
-    setup["seeds"] = tuple(args.seed + s for s in setup["seeds"])
-
-    # 1. the base: what it knows of Shakespeare, in bits per character
-    base, info = load_base(setup["base"], progress=not args.quick)
+# --------------------------------------------------------------------------- 1. the base
+def the_base(setup: dict, quick: bool):
+    """What the base knows of Shakespeare (and of code, which it never saw), in bits per
+    character, beside a unigram baseline; three of its samples."""
+    base, info = load_base(setup["base"], progress=not quick)
     tok, plays, code = base_domains(setup["base"])
     bpc = info["bits_per_char"]
     print(f"base '{setup['base']}': {info['num_parameters']:,} parameters, {info['steps']} steps "
@@ -91,27 +75,47 @@ def main(argv=None) -> dict:
     print(f"  {info['sample_words_in_corpus']:.0%} of the words in its samples occur in the plays:")
     for s in info["samples"][:3]:
         print(show(s[:200]))
+    return base, info, tok
 
-    # 2-3. every method continues on code; paths of (code, plays) bits/char
+
+# --------------------------------------------------------------------------- 2-3. on code
+def continue_on_code(setup: dict, quick: bool):
+    """Every method continues training on code from the same base; each run records its path
+    of (code, plays) bits/char at log-spaced steps, adapter active."""
     cfg = rt.RealTextConfig(base=setup["base"], methods=setup["methods"], seeds=setup["seeds"],
                             steps=setup["steps"], eval_windows=setup["eval_windows"],
-                            progress=not args.quick, keep_models=True)
+                            progress=not quick, keep_models=True)
     print(f"\ncontinued training on Python code: {len(cfg.methods)} methods x {len(cfg.seeds)} "
           f"seeds x {cfg.steps} steps")
     runs, origin = rt.run_realtext(cfg)
+    return cfg, runs, origin
 
-    # samples before and after, on both domains: learning and forgetting, read by eye
+
+def sample(model, tok, prompt: str, tokens: int, seed: int) -> str:
+    """A short continuation of ``prompt`` (temperature 0.8, top 40)."""
+    ids = bk.asarray(tok.encode(prompt)[None, :])                 # (1, P)
+    out = generate(model.eval(), ids, tokens, temperature=0.8, top_k=40, seed=seed)
+    return tok.decode(bk.to_numpy(out)[0])
+
+
+def samples(base, tok, runs, seed: int) -> None:
+    """Samples before and after, on both domains: learning and forgetting, read by eye."""
     first = {r.method: r for r in reversed(runs)}         # each method's first seed
     shown = [m for m in ("full", "lora_r8_all") if m in first]
     for domain, prompt in PROMPTS.items():
         print(f"\nsamples from {prompt!r} ({domain}):")
         print("  base:")
-        print(show(sample(base, tok, prompt, 40, args.seed)[:240]))
+        print(show(sample(base, tok, prompt, 40, seed)[:240]))
         for m in shown:
             print(f"  after {m}:")
-            print(show(sample(first[m].model, tok, prompt, 40, args.seed)[:240]))
+            print(show(sample(first[m].model, tok, prompt, 40, seed)[:240]))
 
-    # 4. forgetting at matched code loss, with the seeds' spread; the verdict from the numbers
+
+# --------------------------------------------------------------------------- 4. forgetting
+def forgetting(runs, origin: dict) -> tuple[list, str]:
+    """Forgetting at matched code loss, with the seeds' spread; the verdict from the numbers
+    (``realtext.verdicts``); then what each method learned and lost beside full FT, and the
+    same comparison halfway along the paths."""
     rows = rt.verdicts(runs, origin)
     print("\n" + rt.table(rows) + "\n")
     verdict = rt.overall_verdict(rows)
@@ -136,8 +140,19 @@ def main(argv=None) -> dict:
             who = "full fine-tuning" if r["full_forgot_half"] < r["forgot_half"] else r["method"]
             print(f"    code {r['half_level']:.2f}: {r['method']} {r['forgot_half']:+.3f}, full "
                   f"fine-tuning {r['full_forgot_half']:+.3f} bits/char (lower: {who})")
+    return rows, verdict
 
-    path = out_dir() / "12_real_text.png"
+
+def main(argv=None) -> dict:
+    args = lessonkit.arguments(__doc__, quick="tiny base, 2 methods, 2 seeds").parse_args(argv)
+    setup = dict(QUICK) if args.quick else dict(base=BASE, methods=METHODS, seeds=SEEDS,
+                                                steps=STEPS, eval_windows=EVAL_WINDOWS)
+    setup["seeds"] = tuple(args.seed + s for s in setup["seeds"])
+    base, info, tok = the_base(setup, args.quick)
+    cfg, runs, origin = continue_on_code(setup, args.quick)
+    samples(base, tok, runs, args.seed)
+    rows, verdict = forgetting(runs, origin)
+    path = lessonkit.out_dir() / FIGURE                 # the paths' figure (realtext draws it)
     rt.plot_paths(runs, origin, path, title="Shakespeare base learning Python: paths "
                   f"(mean of {len(cfg.seeds)} seeds)")
     print(f"saved {path}")

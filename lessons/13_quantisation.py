@@ -23,14 +23,13 @@ float on top; the 4-bit code is designed for weights that look normally distribu
 The library: ``minipeft/quant.py`` (code book, block-wise absmax, packing, double quantisation,
 ``QuantLinear``), tested against the published NF4 levels in ``tests/test_quant.py``.
 
+Each step below is one part of the code, in this order, printing its own table and verdict.
+
 Run:  python lessons/13_quantisation.py [--quick] [--seed N]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from statistics import NormalDist
 
 import matplotlib
@@ -40,9 +39,9 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only: the tables and the figure
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.autograd import no_grad
 from minipeft.base import base_domains, load_base
-from minipeft.nn import GPT
 from minipeft.nn.layers import Linear
 from minipeft.params import PRESETS, weight_bytes
 from minipeft.peft import LoraConfig, get_peft_model
@@ -66,54 +65,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 FT = dict(steps=100, batch_size=12, lr=1e-2, seeds=(0, 1, 2))           # LoRA r=8 on code
 QUICK_FT = dict(steps=30, batch_size=8, lr=1e-2, seeds=(0, 1))
 SE_MARGIN = 2.0               # a difference counts when it exceeds 2 standard errors
-OUT_NAME = "13_quantisation.png"
+FIGURE = "13_quantisation.png"
 
 
-def out_dir() -> Path:
-    root = Path(__file__).resolve().parent
-    out = Path(os.environ.get("MINIPEFT_LESSON_OUT") or root / "out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def window_bits(model, ev) -> np.ndarray:
-    """Held-out bits per character of each window: (N,), so windows give the noise."""
-    with no_grad():
-        logits = bk.to_numpy(model(ev.x).data).astype(np.float64)     # (N, T, V)
-    y = bk.to_numpy(ev.y)
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nats = -np.take_along_axis(logp, y[..., None], -1)[..., 0].sum(1)  # (N,) nats per window
-    chars_per_window = ev.chars / y.shape[0]
-    return nats / chars_per_window / np.log(2)
-
-
-def block_weight_bytes(model) -> int:
-    """Bytes of the frozen weight matrices in the blocks: float arrays, or NF4 codes + constants."""
-    total = 0
-    for path, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            total += m.qweight.nbytes()
-        elif isinstance(m, Linear) and path.startswith("blocks."):
-            total += m.weight.data.nbytes
-    return total
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of b - a over windows and its standard error."""
-    d = b - a
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the tiny Shakespeare base")
-    ap.add_argument("--seed", type=int, default=0, help="the base's seed")
-    args = ap.parse_args(argv)
-    kind = QUICK_BASE if args.quick else BASE
-    out: dict = {}
-
-    # 1. the code book ------------------------------------------------------------------
+# --------------------------------------------------------------------------- 1. the code book
+def code_book() -> dict:
+    """Where NF4's 16 levels sit: the normal CDF at each, against int4's even spacing."""
     nf4, int4 = np.array(nf4_levels()), np.array(int4_levels())
     print("1. The 16 NF4 levels are quantiles of a normal distribution; int4's are evenly spaced.")
     top = NormalDist().inv_cdf(0.5 * ((1 - 1 / 30) + (1 - 1 / 32)))
@@ -125,13 +82,14 @@ def main(argv=None) -> dict:
     gaps = np.diff(cdf)
     print(f"   probability between neighbouring NF4 levels: {gaps.min():.3f} to {gaps.max():.3f} "
           f"(even spacing would be {1 / 15:.3f} each)")
-    out["nf4_levels"] = nf4.tolist()
+    return {"nf4_levels": nf4.tolist()}
 
-    # 2. the error on our base's real weights -------------------------------------------
-    base, info = load_base(kind, seed=args.seed, progress=not args.quick)
+
+# --------------------------------------------------------------------------- 2. the error
+def the_error(base, info: dict, kind: str, mats: dict) -> dict:
+    """Block-wise absmax in NF4 and int4 on every weight matrix of the blocks: relative RMS
+    error against the float weights, per matrix, and which code is closer how often."""
     block = BLOCK if base.config.n_embd % BLOCK == 0 else 16
-    mats = {p: m.weight.data for p, m in base.named_modules()
-            if isinstance(m, Linear) and p.startswith("blocks.")}
     print(f"\n2. Block-wise absmax, {block} weights a block, on the {len(mats)} weight matrices of "
           f"the {kind!r} base ({info['num_parameters']:,} parameters):")
     print("   matrix                      NF4 rel. error   int4 rel. error   NF4 / int4")
@@ -158,9 +116,14 @@ def main(argv=None) -> dict:
         verdict = (f"NF4's error is below int4's on only {wins} of {len(ratio)} matrices: the "
                    f"claim did not hold for these weights")
     print(f"   -> {verdict}")
-    out.update(nf4_errors=errors["nf4"], int4_errors=errors["int4"], error_verdict=verdict)
+    return {"nf4_errors": errors["nf4"], "int4_errors": errors["int4"],
+            "error_verdict": verdict, "block": block, "ratio": ratio}
 
-    # 3. the bytes ----------------------------------------------------------------------
+
+# --------------------------------------------------------------------------- 3. the bytes
+def the_bytes(mats: dict, block: int) -> dict:
+    """Bytes of the quantised weights, with and without double quantisation, against the
+    formula 4 + 8/block + 32/(block*256) bits a weight."""
     n = sum(int(W.size) for W in mats.values())
     single = sum(NF4Weight(W, block, double=False).nbytes() for W in mats.values())
     double = sum(NF4Weight(W, block, double=True).nbytes() for W in mats.values())
@@ -169,24 +132,42 @@ def main(argv=None) -> dict:
           f"{single:,} ({8 * single / n:.3f} bits/param); with double quantisation {double:,} "
           f"({8 * double / n:.3f} bits/param; the formula 4 + 8/{block} + 32/({block}*256) gives "
           f"{formula:.3f}, the rest is the padding of the last block of constants)")
-    out.update(bits_single=8 * single / n, bits_double=8 * double / n)
+    return {"bits_single": 8 * single / n, "bits_double": 8 * double / n}
 
-    # 4. the quality of the quantised base ------------------------------------------------
-    _, plays, code = base_domains(kind)
-    T = info["length"]
-    windows = QUICK_EVAL if args.quick else EVAL_WINDOWS
+
+# --------------------------------------------------------------------------- 4. the quality
+def window_bits(model, ev) -> np.ndarray:
+    """Held-out bits per character of each window: (N,), so windows give the noise."""
+    with no_grad():
+        logits = bk.to_numpy(model(ev.x).data).astype(np.float64)     # (N, T, V)
+    y = bk.to_numpy(ev.y)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(logp, y[..., None], -1)[..., 0].sum(1)  # (N,) nats per window
+    chars_per_window = ev.chars / y.shape[0]
+    return nats / chars_per_window / np.log(2)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of b - a over windows and its standard error."""
+    d = b - a
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def the_quality(base, mats: dict, block: int, plays, T: int, windows: int) -> dict:
+    """Held-out plays in bits per character: the float base, the real 4-bit model
+    (QuantLinear), NF4 without double quantisation and int4, paired per window so the windows'
+    spread is the margin."""
     ev = plays.eval_set(windows, T)
     quantised = {}
     for name, levels in (("nf4", nf4_levels()), ("int4", int4_levels())):
-        twin = GPT(base.config)
-        twin.load_state_dict(base.state_dict())
+        twin = lessonkit.fresh_copy(base)
         for path in mats:
             W = twin.get_submodule(path).weight
             codes, c = quantize_blockwise(W.data, levels, block)
             W.data = dequantize_blockwise(codes, c, levels, block).astype(W.dtype)
         quantised[name] = twin
-    qmodel = GPT(base.config)                           # the real thing: 4-bit QuantLinears
-    qmodel.load_state_dict(base.state_dict())
+    qmodel = lessonkit.fresh_copy(base)                 # the real thing: 4-bit QuantLinears
     quantize_model(qmodel, block=block)
     bits = {"float": window_bits(base, ev), "nf4": window_bits(qmodel, ev),
             "nf4 (no double quant.)": window_bits(quantised["nf4"], ev),
@@ -215,11 +196,26 @@ def main(argv=None) -> dict:
     print(f"   -> {q_verdict}; NF4 " + (f"costs {d_nf4:.4f} bits/char against float (beyond "
                                          f"{SE_MARGIN:g} s.e.)" if nf4_hurts else
                                          "is within noise of the float base"))
-    out.update(bits={k: float(v.mean()) for k, v in bits.items()}, quality_verdict=q_verdict,
-               nf4_cost=d_nf4, nf4_cost_se=se_nf4, int4_minus_nf4=gap, int4_minus_nf4_se=gap_se)
+    return {"bits": {k: float(v.mean()) for k, v in bits.items()}, "quality_verdict": q_verdict,
+            "nf4_cost": d_nf4, "nf4_cost_se": se_nf4, "int4_minus_nf4": gap,
+            "int4_minus_nf4_se": gap_se}
 
-    # 5. QLoRA against LoRA, same budget -----------------------------------------------
-    ft = QUICK_FT if args.quick else FT
+
+# --------------------------------------------------------------------------- 5. QLoRA vs LoRA
+def block_weight_bytes(model) -> int:
+    """Bytes of the frozen weight matrices in the blocks: float arrays, or NF4 codes + constants."""
+    total = 0
+    for path, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            total += m.qweight.nbytes()
+        elif isinstance(m, Linear) and path.startswith("blocks."):
+            total += m.weight.data.nbytes
+    return total
+
+
+def qlora_vs_lora(base, block: int, code, T: int, windows: int, ft: dict) -> dict:
+    """The same LoRA over the float base and over the 4-bit one, same steps, lr and seeds:
+    held-out code loss (the seeds' spread is the margin) and the frozen weights' bytes."""
     ev_code = code.eval_set(windows, T)
     before = window_bits(base, ev_code)
     print(f"\n5. LoRA r=8 on {', '.join(TARGETS)}, {ft['steps']} steps of code (batch "
@@ -229,8 +225,7 @@ def main(argv=None) -> dict:
     frozen = {}
     for seed in ft["seeds"]:
         for name in ("LoRA", "QLoRA"):
-            model = GPT(base.config)
-            model.load_state_dict(base.state_dict())
+            model = lessonkit.fresh_copy(base)
             if name == "QLoRA":
                 quantize_model(model, block=block)
                 config = QLoraConfig(r=8, alpha=16, target_modules=TARGETS)
@@ -260,19 +255,25 @@ def main(argv=None) -> dict:
     print(f"   -> {ql_verdict}")
     print(f"   frozen block weights held in memory: float32 {frozen['LoRA']:,} bytes, NF4 "
           f"{frozen['QLoRA']:,} bytes ({frozen['LoRA'] / frozen['QLoRA']:.1f}x smaller)")
-    out.update(qlora=finals["QLoRA"], lora=finals["LoRA"], code_before=float(before.mean()),
-               qlora_verdict=ql_verdict, frozen_bytes=frozen)
+    return {"qlora": finals["QLoRA"], "lora": finals["LoRA"], "code_before": float(before.mean()),
+            "qlora_verdict": ql_verdict, "frozen_bytes": frozen}
 
-    # 6. at scale -----------------------------------------------------------------------
+
+# --------------------------------------------------------------------------- 6. at scale
+def at_scale() -> dict:
+    """The weights alone of real models at 32, 16 and 4 bits (``minipeft.params``)."""
     print("\n6. The weights of real models (weights alone), GB:")
     print("   model          fp32      bf16      NF4")
     for key in ("gpt2-124m", "llama2-7b", "gpt3-175b"):
         spec = PRESETS[key]
         gb = [weight_bytes(spec, p) / 1e9 for p in ("fp32", "bf16", "nf4")]
         print(f"   {spec.name:<13} {gb[0]:>7.2f}  {gb[1]:>8.2f}  {gb[2]:>7.2f}")
-    out["llama2_7b_nf4_gb"] = weight_bytes(PRESETS["llama2-7b"], "nf4") / 1e9
+    return {"llama2_7b_nf4_gb": weight_bytes(PRESETS["llama2-7b"], "nf4") / 1e9}
 
-    # the figure ------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------- the figure
+def figure(mats: dict, block: int, ratio):
+    nf4, int4 = np.array(nf4_levels()), np.array(int4_levels())
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     W = np.concatenate([bk.to_numpy(W).reshape(-1, block) for W in mats.values()])
     u = (W / np.abs(W).max(1, keepdims=True)).ravel()
@@ -288,12 +289,29 @@ def main(argv=None) -> dict:
     ax[1].set_xlabel("weight matrix")
     ax[1].set_ylabel("NF4 error / int4 error")
     ax[1].set_title("relative error, per matrix (below 1: NF4 closer)")
-    fig.tight_layout()
-    figure = out_dir() / OUT_NAME
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    print(f"\nfigure: {figure}")
-    out["figure"] = str(figure)
+    return fig
+
+
+def main(argv=None) -> dict:
+    args = lessonkit.arguments(__doc__, quick="the tiny Shakespeare base").parse_args(argv)
+    kind = QUICK_BASE if args.quick else BASE
+    out = code_book()
+    base, info = load_base(kind, seed=args.seed, progress=not args.quick)
+    mats = {p: m.weight.data for p, m in base.named_modules()       # the blocks' matrices
+            if isinstance(m, Linear) and p.startswith("blocks.")}
+    err = the_error(base, info, kind, mats)
+    block, ratio = err.pop("block"), err.pop("ratio")
+    out.update(err)
+    out.update(the_bytes(mats, block))
+    _, plays, code = base_domains(kind)
+    windows = QUICK_EVAL if args.quick else EVAL_WINDOWS
+    out.update(the_quality(base, mats, block, plays, info["length"], windows))
+    out.update(qlora_vs_lora(base, block, code, info["length"], windows,
+                             QUICK_FT if args.quick else FT))
+    out.update(at_scale())
+    path = lessonkit.save_figure(figure(mats, block, ratio), FIGURE, dpi=110)
+    print(f"\nfigure: {path}")
+    out["figure"] = str(path)
     return out
 
 

@@ -16,19 +16,18 @@ The lesson measures, on a GPT of growing depth, with full fine-tuning and with L
   1. that the gradients are bit-for-bit those of the plain step;
   2. the activations kept after the forward pass (the graph walk's prediction and the allocator's
      measurement) and the step's peak, with and without checkpointing;
-  3. the extra time per step, against the third that the forward's share predicts, over repeats.
+  3. the extra time per step, against the third that the forward's share predicts, over repeats
+     (a step here is what ``lessonkit.step_ms`` times: zero_grad, forward, backward, AdamW step).
+
+Each is one part of the code below, in this order, printing its own table; the verdicts read
+the printed rows.
 
 Run:  python lessons/15_checkpointing.py [--quick] [--seed N]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import matplotlib
 
@@ -37,6 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np  # host-side only
 
 from minipeft import backend as bk
+from minipeft import lessonkit
 from minipeft.memory import measure_step
 from minipeft.nn import GPT, GPTConfig
 from minipeft.peft import LoraConfig, get_peft_model
@@ -45,15 +45,9 @@ CONFIG = GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=1
 DEPTHS, QUICK_DEPTHS = (2, 4, 8), (1, 2, 4)
 BATCH, QUICK_BATCH = 16, 4
 SEQ, QUICK_SEQ = 128, 32
-REPEATS, QUICK_REPEATS = 7, 3
+REPEATS, QUICK_REPEATS = 6, 3     # timed steps per model, after one warm-up step
 MB = 2 ** 20
-
-
-def out_dir() -> Path:
-    root = Path(__file__).resolve().parent
-    out = Path(os.environ.get("MINIPEFT_LESSON_OUT") or root / "out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+FIGURE = "15_checkpointing.png"
 
 
 def build(cfg: GPTConfig, method: str, seed: int):
@@ -64,6 +58,7 @@ def build(cfg: GPTConfig, method: str, seed: int):
     return model
 
 
+# --------------------------------------------------------------------------- 1. same gradients
 def gradients(model, x, y) -> dict:
     for p in model.parameters():
         p.grad = None
@@ -71,72 +66,62 @@ def gradients(model, x, y) -> dict:
     return {n: bk.to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
 
 
-def step_seconds(model, x, y) -> float:
-    start = time.perf_counter()
-    model.loss(x, y).backward()
-    return time.perf_counter() - start
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small model, few repeats")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    depths = QUICK_DEPTHS if args.quick else DEPTHS
-    B, T = (QUICK_BATCH, QUICK_SEQ) if args.quick else (BATCH, SEQ)
-    repeats = QUICK_REPEATS if args.quick else REPEATS
-    rng = np.random.default_rng(args.seed)
-    x = bk.asarray(rng.integers(0, CONFIG.vocab_size, (B, T)))
-    y = bk.asarray(rng.integers(0, CONFIG.vocab_size, (B, T)))
-    results: dict = {"rows": []}
-
-    # 1. the same gradients ---------------------------------------------------------------
-    cfg = replace(CONFIG, n_layer=depths[-1], block_size=T)
+def same_gradients(depth: int, T: int, x, y, seed: int) -> float:
+    """Every parameter's gradient with and without checkpointing, full FT and LoRA: the
+    largest difference (0 when the recomputation is the forward's own arithmetic)."""
+    cfg = replace(CONFIG, n_layer=depth, block_size=T)
     worst = 0.0
     for method in ("full", "lora"):
-        plain = gradients(build(cfg, method, args.seed), x, y)
-        ckpt = gradients(build(replace(cfg, checkpoint=True), method, args.seed), x, y)
+        plain = gradients(build(cfg, method, seed), x, y)
+        ckpt = gradients(build(replace(cfg, checkpoint=True), method, seed), x, y)
         assert plain.keys() == ckpt.keys()
         worst = max(worst, max(float(np.abs(plain[k] - ckpt[k]).max()) for k in plain))
-    print(f"1. Gradients with and without checkpointing ({depths[-1]} blocks, full FT and LoRA): "
+    print(f"1. Gradients with and without checkpointing ({depth} blocks, full FT and LoRA): "
           f"largest difference {worst:.1e} " + ("(bit for bit the same)" if worst == 0 else
                                                 "(NOT identical: a bug)"))
-    results["max_grad_diff"] = worst
+    return worst
 
-    # 2-3. memory and time, by depth ------------------------------------------------------
+
+# --------------------------------------------------------------------------- 2-3. by depth
+def memory_and_time(depths, B: int, T: int, x, y, repeats: int, seed: int) -> list:
+    """Per method and depth: activations kept after forward (predicted by the graph walk,
+    measured by the allocator), the step's peak, and the step time (``lessonkit.step_times``,
+    plain and checkpointed in turns, so the machine's noise is shared)."""
     print(f"\n2-3. One step, batch {B} x {T} tokens, width {CONFIG.n_embd}; MiB and ms "
           f"(median of {repeats} interleaved repeats):")
     print("   method  blocks  activations kept (pred / meas)        step peak           "
           "time per step")
     print("                   plain            checkpointed         plain   checkpointed"
           "  plain  ckpt  extra")
+    rows = []
     for method in ("full", "lora"):
         for L in depths:
             cfg = replace(CONFIG, n_layer=L, block_size=T)
-            models = {flag: build(replace(cfg, checkpoint=flag), method, args.seed)
+            models = {flag: build(replace(cfg, checkpoint=flag), method, seed)
                       for flag in (False, True)}
             mem = {flag: measure_step(m, x, y) for flag, m in models.items()}
-            times = {False: [], True: []}
-            for _ in range(repeats):                  # take turns: the machine's noise is shared
-                for flag, m in models.items():
-                    times[flag].append(step_seconds(m, x, y))
-            t = {f: statistics.median(v) for f, v in times.items()}
+            times = lessonkit.step_times({f: (m, (x, y)) for f, m in models.items()}, repeats)
             row = {"method": method, "blocks": L,
                    "act_pred": {f: mem[f].predicted["activations"] for f in mem},
                    "act_meas": {f: mem[f].measured["activations"] for f in mem},
                    "peak": {f: mem[f].measured["peak_train"] for f in mem},
-                   "ms": {f: 1e3 * t[f] for f in t},
-                   "ms_spread": {f: 1e3 * (max(v) - min(v)) for f, v in times.items()}}
-            row["extra"] = t[True] / t[False] - 1
-            results["rows"].append(row)
+                   "ms": {f: float(np.median(v)) for f, v in times.items()},
+                   "ms_spread": {f: max(v) - min(v) for f, v in times.items()}}
+            row["extra"] = row["ms"][True] / row["ms"][False] - 1
+            rows.append(row)
             print(f"   {method:<7} {L:>5}  {row['act_pred'][False] / MB:6.1f} / "
                   f"{row['act_meas'][False] / MB:6.1f}    {row['act_pred'][True] / MB:6.1f} / "
                   f"{row['act_meas'][True] / MB:6.1f}     {row['peak'][False] / MB:7.1f} "
                   f"{row['peak'][True] / MB:9.1f}   {row['ms'][False]:6.0f} "
                   f"{row['ms'][True]:5.0f} {100 * row['extra']:+5.0f}%")
+    return rows
 
-    # the verdicts, from the rows above ------------------------------------------------------
-    deepest = [r for r in results["rows"] if r["blocks"] == depths[-1]]
+
+# --------------------------------------------------------------------------- verdicts
+def verdicts(rows: list, depth: int) -> dict:
+    """At the deepest model: did the kept activations shrink (> 1.5x), did the peak fall
+    (> 5%), and is the extra time larger than the repeats' spread?"""
+    deepest = [r for r in rows if r["blocks"] == depth]
     shrink = {r["method"]: r["act_meas"][False] / max(r["act_meas"][True], 1) for r in deepest}
     peak_cut = {r["method"]: 1 - r["peak"][True] / r["peak"][False] for r in deepest}
     print("\nWhat was measured:")
@@ -155,29 +140,42 @@ def main(argv=None) -> dict:
         else:
             print(f"   {m}: the extra time ({100 * r['extra']:+.0f}%) is within the repeats' "
                   f"spread ({100 * noise:.0f}%): not measured at this size")
-    results.update(activation_shrink=shrink, peak_cut=peak_cut)
+    return {"activation_shrink": shrink, "peak_cut": peak_cut}
 
-    # the figure --------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------- the figure
+def figure(rows: list):
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for i, method in enumerate(("full", "lora")):
-        rows = [r for r in results["rows"] if r["method"] == method]
-        Ls = [r["blocks"] for r in rows]
+        mine = [r for r in rows if r["method"] == method]
+        Ls = [r["blocks"] for r in mine]
         for flag, ls in ((False, "-"), (True, "--")):
             label = f"{method}, {'checkpointed' if flag else 'plain'}"
-            ax[0].plot(Ls, [r["act_meas"][flag] / MB for r in rows], ls, marker="o",
+            ax[0].plot(Ls, [r["act_meas"][flag] / MB for r in mine], ls, marker="o",
                        color=f"C{i}", label=label)
-            ax[1].plot(Ls, [r["ms"][flag] for r in rows], ls, marker="o", color=f"C{i}",
+            ax[1].plot(Ls, [r["ms"][flag] for r in mine], ls, marker="o", color=f"C{i}",
                        label=label)
     ax[0].set(xlabel="blocks", ylabel="MiB", title="activations kept after forward (measured)")
-    ax[1].set(xlabel="blocks", ylabel="ms", title="time per step (forward + backward)")
+    ax[1].set(xlabel="blocks", ylabel="ms", title="time per step (zero_grad, forward, backward, "
+              "AdamW)")
     ax[0].legend()
-    fig.tight_layout()
-    figure = out_dir() / "15_checkpointing.png"
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    print(f"\nfigure: {figure}")
-    results["figure"] = str(figure)
-    return results
+    return fig
+
+
+def main(argv=None) -> dict:
+    args = lessonkit.arguments(__doc__, quick="small model, few repeats").parse_args(argv)
+    depths = QUICK_DEPTHS if args.quick else DEPTHS
+    B, T = (QUICK_BATCH, QUICK_SEQ) if args.quick else (BATCH, SEQ)
+    rng = np.random.default_rng(args.seed)
+    x = bk.asarray(rng.integers(0, CONFIG.vocab_size, (B, T)))
+    y = bk.asarray(rng.integers(0, CONFIG.vocab_size, (B, T)))
+    worst = same_gradients(depths[-1], T, x, y, args.seed)
+    rows = memory_and_time(depths, B, T, x, y, QUICK_REPEATS if args.quick else REPEATS,
+                           args.seed)
+    found = verdicts(rows, depths[-1])
+    path = lessonkit.save_figure(figure(rows), FIGURE, dpi=110)
+    print(f"\nfigure: {path}")
+    return {"rows": rows, "max_grad_diff": worst, **found, "figure": str(path)}
 
 
 if __name__ == "__main__":

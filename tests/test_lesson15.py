@@ -1,24 +1,16 @@
 """Lesson 15 (gradient checkpointing) in quick mode: what it measured, checked against what a
 broken checkpoint would show."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_lesson
 
-LESSON = Path(__file__).resolve().parents[1] / "lessons" / "15_checkpointing.py"
-
-
-@pytest.fixture(autouse=True)
-def lesson_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("lesson_out")   # the lesson writes into tmp_path
 
 
 def test_15_checkpointing_quick(lesson_out):
-    spec = importlib.util.spec_from_file_location("lesson_15", LESSON)
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
+    lesson = load_lesson("15_checkpointing")
     m = lesson.main(["--quick"])
     # a recomputation that differs from the forward (or a parameter's gradient dropped) shows
     # here: the gradients must be exactly the plain step's

@@ -53,3 +53,21 @@ def test_step_ms_times_every_run_and_clears_gradients():
 def test_arguments_parse_quick_and_seed():
     args = lessonkit.arguments("Title line.\n\nMore.", seed=3).parse_args(["--quick"])
     assert args.quick and args.seed == 3
+
+
+def test_step_times_drops_the_warm_up_and_step_ms_is_their_median(monkeypatch):
+    # a fake clock: each step lasts the given ms, in round-robin order a, b, a, b, ... (fault
+    # caught: the warm-up round kept, runs timed one after the other, or a mean for a median)
+    ms = {"a": [100.0, 3.0, 1.0, 8.0], "b": [50.0, 5.0, 9.0, 6.0]}    # round 0 is the warm-up
+    reads, t = [], 0.0
+    for k in range(4):
+        for name in ("a", "b"):
+            reads += [t, t + ms[name][k] / 1e3]
+            t += ms[name][k] / 1e3 + 1.0
+    clock = iter(reads * 2)                                           # step_ms reads it again
+    monkeypatch.setattr(lessonkit.time, "perf_counter", lambda: next(clock))
+    x = np.random.default_rng(0).integers(0, 16, (2, 8))
+    runs = {k: (GPT(GPTConfig(**TINY), seed=i), (x, x)) for i, k in enumerate("ab")}
+    got = lessonkit.step_times(runs, reps=3)
+    assert got["a"] == pytest.approx([3.0, 1.0, 8.0]) and got["b"] == pytest.approx([5.0, 9.0, 6.0])
+    assert lessonkit.step_ms(runs, reps=3) == pytest.approx({"a": 3.0, "b": 6.0})

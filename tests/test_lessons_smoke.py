@@ -1,42 +1,22 @@
 """Each lesson runs with ``--quick`` and what it measured is checked, not just that it ran.
 
 A lesson's ``main(argv)`` returns a dict of its measurements. ``run_lesson("01_autograd",
-"--quick")`` loads ``lessons/01_autograd.py`` by path (lesson names start with a digit, so they are
-not importable modules) and calls it. Figures go to a temporary folder through
-``MINIPEFT_LESSON_OUT``, so tests never write into the repository.
+"--quick")`` (from conftest.py) loads ``lessons/01_autograd.py`` by path (lesson names start with
+a digit, so they are not importable modules) and calls it. Figures go to a temporary folder
+through ``MINIPEFT_LESSON_OUT`` (the ``lesson_out`` fixture), so tests never write into the
+repository.
 
 To add a lesson: one test that calls ``run_lesson`` and asserts on the returned numbers.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import run_lesson
 
-LESSONS = Path(__file__).resolve().parents[1] / "lessons"
-
-
-def load_lesson(name: str):
-    """Import ``lessons/<name>.py`` as a fresh module."""
-    path = LESSONS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_lesson(name: str, *args: str) -> dict:
-    """Run a lesson's ``main`` with command-line ``args``; returns what it measured."""
-    return load_lesson(name).main(list(args))
-
-
-@pytest.fixture(autouse=True)
-def lesson_out(tmp_path, monkeypatch) -> Path:
-    """Lessons save their figures here instead of lessons/out/."""
-    monkeypatch.setenv("MINIPEFT_LESSON_OUT", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("lesson_out")   # every lesson writes into tmp_path
 
 
 def test_01_autograd(lesson_out):
@@ -190,14 +170,23 @@ def test_04_selective(lesson_out, shared_quick_cache, monkeypatch):
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
+def test_10a_eckart_young(lesson_out, shared_quick_cache, monkeypatch):
     monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
-    m = run_lesson("10_low_rank_maths", "--quick", "--seed", "0")
-    # (1) Eckart-Young: the measured rank-r error is the tail energy at every rank
+    m = run_lesson("10a_eckart_young", "--quick", "--seed", "0")
+    # (1) Eckart-Young: the measured rank-r error is the tail energy at every rank (fault
+    # caught: a truncation that keeps the wrong singular values, or an off-by-one in the tail)
     ey = m["eckart_young"]
     assert ey["held"] and max(ey["max_abs_diff"].values()) < 1e-9
     assert ey["energy8"]["pretrained"] > ey["energy8"]["random"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_10b_intrinsic_rank(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("10b_intrinsic_rank", "--quick", "--seed", "0")
     # (2) the full fine-tune learnt; its update is steeper than noise; full rank reproduces it
+    # (fault caught: ΔW taken against the wrong base, so W + ΔW is not the fine-tune)
     base, ft = m["base_score"], m["ft_score"]
     assert ft["loss"] < base["loss"]
     assert m["spectra"]["mean_energy8"] > m["spectra"]["random_energy8"]
@@ -209,6 +198,16 @@ def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
     lv = m["lora_vs_truncation"]
     assert lv["rows"]["LoRA r=8 on q,v (trained)"]["loss"] < base["loss"]
     assert all(f["trunc"] <= f["lora"] + 1e-9 for f in lv["frobenius"].values())
+    # the gain the "low intrinsic rank" verdict waits for is the measured answer-token gain
+    gain = (ft["token_acc"] - base["token_acc"]) / (1 - base["token_acc"])
+    assert m["ft_gain"] == pytest.approx(gain) and m["ft_learned"] == (gain >= 0.5)
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_10c_subspaces(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("10c_subspaces", "--quick", "--seed", "0")
     # (4) φ lies in [0, 1]; the random expectation is max(i, j) / d
     sub, d = m["subspaces"], m["width"]
     assert m["r_big"] == min(64, d // 2)
@@ -221,24 +220,29 @@ def test_10_low_rank_maths(lesson_out, shared_quick_cache, monkeypatch):
         assert a["random_norm"] <= a["w_own_norm"] + 1e-9
         assert a["proj_norm"] <= a["w_own_norm"] + 1e-9
         assert abs(a["factor"] - a["delta_norm"] / a["proj_norm"]) < 1e-9 * a["factor"]
-    # the gain the "low intrinsic rank" verdict waits for is the measured answer-token gain
-    gain = (ft["token_acc"] - base["token_acc"]) / (1 - base["token_acc"])
-    assert m["ft_gain"] == pytest.approx(gain) and m["ft_learned"] == (gain >= 0.5)
     # (5) two LoRA seeds give two different updates, so the position has a measured spread
     # (fault caught: the "second seed" reusing the first run, which would fake zero noise)
     amp = m["amplification"]
     assert amp["per_seed"][0] != amp["per_seed"][1] and amp["position_sd"] > 0
     assert amp["paper_factor"] == 21.5 and amp["lr_ratio"] == pytest.approx(10.0)
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_10d_pissa(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("10d_pissa", "--quick", "--seed", "0")
     # (6) PiSSA: step 0 is the base model, s B A = truncate(W, r), and both curves start there
+    # (fault caught: a PiSSA init that forgets to subtract B A from the frozen weight)
     p = m["pissa"]
     assert p["step0_ok"] and p["step0"]["default"] == 0.0
     assert p["step0"]["ba_vs_truncate"] < 1e-5 and p["step0"]["residual"] < 1e-5
-    assert p["curve_default"][0] == p["curve_pissa"][0] == base["loss"]
-    assert p["curve_pissa"][-1] < base["loss"] and p["curve_default"][-1] < base["loss"]
+    assert p["curve_default"][0] == p["curve_pissa"][0] == m["base_loss"]
+    assert p["curve_pissa"][-1] < m["base_loss"] and p["curve_default"][-1] < m["base_loss"]
     assert len(p["final_loss"]["pissa"]) == len(p["final_loss"]["default"]) == 2
     assert p["final_loss"]["pissa"][0] == pytest.approx(p["curve_pissa"][-1])
-    for fig in map(Path, m["figures"].values()):
-        assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
 def test_09_forgetting(lesson_out, shared_quick_cache, monkeypatch):
@@ -399,11 +403,12 @@ def test_07_adapters(lesson_out, shared_quick_cache, monkeypatch):
     assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
 
 
-def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
+def test_08a_prompt_tuning(lesson_out, shared_quick_cache, monkeypatch):
     monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
-    m = run_lesson("08_soft_prompts", "--quick", "--seed", "0")
+    m = run_lesson("08a_prompt_tuning", "--quick", "--seed", "0")
     rows = m["rows"]
     # (a) a prompt of n virtual tokens trains n x C numbers; the model is otherwise frozen
+    # (fault caught: a prompt config whose length is ignored, or a base left trainable)
     C = rows["vocab n=1"]["trainable"]
     assert rows["vocab n=4"]["trainable"] == 4 * C and rows["vocab n=16"]["trainable"] == 16 * C
     assert len(m["per_position"]) > 0 and all(0 <= a <= 1 for a in m["per_position"])
@@ -413,12 +418,28 @@ def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
     assert c["kept"] < c["trained"] and c["bytes_table"] < c["bytes_mlp"]
     # (c) retraining the embeddings learns the new marker (better than before training)
     assert rows["embedding-only"]["token_acc"] > m["before_tok"]
-    # (d) every model timed; the extra positions are counted
+    # the match threshold is measured on the embedding: a symbol's nearest other symbol, in (0, 1]
+    assert 0 < m["task_threshold"] <= 1
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_08b_prompt_cost(lesson_out, shared_quick_cache, monkeypatch):
+    monkeypatch.setenv("MINIPEFT_CACHE", str(shared_quick_cache))
+    m = run_lesson("08b_prompt_cost", "--quick", "--seed", "0")
+    # (d) every model timed; the extra positions are counted (fault caught: a prompt that is
+    # not prepended in the forward, or a prefix that runs through the layers like a prompt)
     assert all(v > 0 for v in m["forward_ms"].values()) and 0 <= m["noise"]
     f = m["forward_flops"]          # counted: more positions, more matmul work
     assert f["base"] == f["base (again)"] == f["embedding-only"]
     assert f["base"] < f["prompt n=1"] < f["prompt n=4"] < f["prompt n=16"]
     assert f["base"] < f["prefix n=4"] < f["prompt n=4"]
+    fig = Path(m["figure"])
+    assert fig.parent == lesson_out and fig.is_file() and fig.stat().st_size > 10_000
+
+
+def test_08c_reading_prompts(lesson_out):
+    m = run_lesson("08c_reading_prompts", "--quick", "--seed", "0")
     # (e) the language prompt: loss fell; random-init vectors match no word; a vocab init
     #     starts exactly at a word; purities and the chance level are proper fractions
     lang = m["language"]
@@ -433,7 +454,7 @@ def test_08_soft_prompts(lesson_out, shared_quick_cache, monkeypatch):
             assert r["initial"]["max_cos"] > 0.999
     assert len(lang["chance"]["purities"]) == 5 and 0 < lang["chance"]["mean"] <= 1
     # the match threshold is measured on the embedding: a word's nearest other word, in (0, 1]
-    assert 0 < lang["chance"]["match"] <= 1 and 0 < m["task_threshold"] <= 1
+    assert 0 < lang["chance"]["match"] <= 1
     assert m["none_match"] == {i: max(s["max_cos"]) < lang["chance"]["match"]
                                for i, s in m["summary"].items()}
     fig = Path(m["figure"])
