@@ -33,7 +33,8 @@ and *parametrises* the change as a product of two thin matrices:
 5. The scale s = alpha / r.  With Adam every parameter moves about lr per step whatever its
    gradient's size, so ΔW = s B A moves about s times faster: s acts as a learning-rate multiplier
    for the update. Keeping alpha / r fixed (as here: alpha = 2 r) keeps that multiplier fixed as r
-   changes. (rsLoRA uses alpha / sqrt(r); lesson 10 discusses why.)
+   changes. (rsLoRA, ``use_rslora=True``, uses alpha / sqrt(r); ``minipeft/peft/lora.py``
+   says why.)
 
 6. Targets.  The paper adapts W_q and W_v. An adapter can only change what its matrices do: it
    cannot change a token's embedding. Our new task is introduced by a marker token, ``<sort>``,
