@@ -171,11 +171,16 @@ def run(method, config, base, T, code, held, steps, batch, seed, lr, quiet) -> d
     with no_grad():
         step0 = float(np.abs(bk.to_numpy(pm(probe).data) - base_logits).max())
     before = bits(pm, held)
+    start = {n: bk.to_numpy(p.data).copy() for n, p in pm.named_parameters() if p.requires_grad}
     train(pm, code.sampler(T, seed), TrainConfig(
         steps=steps, batch_size=batch, lr=lr, warmup=min(20, steps // 5), progress=not quiet,
         desc=f"{method} seed {seed}"))
+    # every trained tensor must have moved: one that did not got no gradient (a broken method
+    # can still lower the loss through its other tensors)
+    unmoved = [n for n, p in pm.named_parameters()
+               if n in start and np.array_equal(bk.to_numpy(p.data), start[n])]
     return {"method": method, "seed": seed, "lr": lr, "step0_max_abs_diff": step0,
-            "bits_before": before, "bits_after": bits(pm, held),
+            "bits_before": before, "bits_after": bits(pm, held), "unmoved": unmoved,
             "trainable": pm.num_parameters(trainable_only=True), "model": pm, "config": config}
 
 
@@ -357,7 +362,8 @@ def main(argv=None) -> dict:
             records.append(rec)
             print(f"{m:<14} seed {seed}: code {rec['bits_before']:.3f} -> "
                   f"{rec['bits_after']:.3f} bits/char  step-0 difference "
-                  f"{rec['step0_max_abs_diff']:g}")
+                  f"{rec['step0_max_abs_diff']:g}  trained tensors that never moved: "
+                  f"{len(rec['unmoved'])}")
     measure_costs(records, code, held, T, batch, reps=3 if args.quick else 5)
     rows = summarise(records)
     print(f"\n{'method':<14}{'trained':>8}{'lr':>7}{'code bits/char':>20}{'peak MiB':>10}"

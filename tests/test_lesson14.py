@@ -3,8 +3,10 @@ measured is checked, so a broken method fails here:
 
 * step 0 equals the base for every run (difference exactly 0): catches an init that is not a
   no-op (B or b not zero, a gate that starts open, m not the row norms);
-* held-out code bits/char fell in every run, by QUICK_GAIN at least: catches a method whose
-  gradients do not reach its tensors (seen: LLaMA-Adapter's prompts cut from the graph);
+* held-out code bits/char fell in every run, by QUICK_GAIN at least, and every trained tensor
+  moved: catches a method whose gradients do not reach its tensors (seen: LLaMA-Adapter's
+  prompts cut from the graph, which the loss alone missed: the gates still learned; a DoRA
+  whose A, B and m are all cut off);
 * every run starts from the base's own held-out bits/char (QLoRA's 4-bit copy within 0.02):
   catches scoring something other than the adapted model;
 * merged and unmerged outputs agree for the mergeable methods: catches a wrong merge;
@@ -47,6 +49,7 @@ def test_14_lora_descendants(tmp_path, monkeypatch, shared_quick_cache):
         assert r["step0_max_abs_diff"] == 0.0, r["method"]
         assert abs(r["bits_before"] - m["start_bits"]) < 0.02, r["method"]
         assert r["bits_after"] < r["bits_before"] - QUICK_GAIN, (r["method"], r["bits_after"])
+        assert r["unmoved"] == [], (r["method"], r["unmoved"])
         if r["method"] in ("dora", "vera", "lokr", "lora"):
             assert r["merged_vs_unmerged"] < 1e-3, r["method"]
         else:
