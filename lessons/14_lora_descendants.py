@@ -191,24 +191,29 @@ def memory_mib(rec, batch) -> float:
     return measure_step(rec["model"], *batch).measured["peak_train"] / 2**20
 
 
-def merge_cost(rec, held) -> tuple[float | None, float | None]:
-    """(ms to fold the update into the weights, fastest of 3; max |merged - unmerged| logit);
-    (None, None) for a method that cannot merge."""
+def merge_cost(rec, held) -> tuple[float | None, float | None, str | None]:
+    """(ms to fold the update into the weights, fastest of 3; max |merged - unmerged| logit;
+    why the merge was refused, or None). A merge is refused when unmerging would not give the
+    base weights back within float32 tolerance (``peft/layer.py``): DoRA divides by a row norm,
+    so a large trained update can fail that check. No numbers for a method that cannot merge."""
     pm = rec["model"]
     if not rec["config"].mergeable:
-        return None, None
+        return None, None, None
     probe = bk.asarray(held.x[:8])
     with no_grad():
         unmerged = bk.to_numpy(pm(probe).data)
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        pm.merge()
+        try:
+            pm.merge()
+        except ValueError as exc:                 # refused; the weights were left unchanged
+            return None, None, str(exc).split(":")[0]
         times.append(1e3 * (time.perf_counter() - t))
         with no_grad():
             merged = bk.to_numpy(pm(probe).data)
         pm.unmerge()
-    return min(times), float(np.abs(merged - unmerged).max())
+    return min(times), float(np.abs(merged - unmerged).max()), None
 
 
 def measure_costs(records, code, held, T, batch_size, reps) -> None:
@@ -217,7 +222,7 @@ def measure_costs(records, code, held, T, batch_size, reps) -> None:
     batch = tuple(bk.asarray(a) for a in code.sampler(T, 12345)(batch_size))   # (B, T) each
     for rec in records:
         rec["memory_mib"] = memory_mib(rec, batch)
-        rec["merge_ms"], rec["merged_vs_unmerged"] = merge_cost(rec, held)
+        rec["merge_ms"], rec["merged_vs_unmerged"], rec["merge_refused"] = merge_cost(rec, held)
     ms = lessonkit.step_ms({i: (r["model"], batch) for i, r in enumerate(records)},
                            reps=reps)
     for i, rec in enumerate(records):
@@ -229,7 +234,10 @@ def summarise(records) -> list[dict]:
     rows = []
     for m in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == m]
-        row = {"method": m, "trainable": rs[0]["trainable"], "lr": rs[0]["lr"]}
+        row = {"method": m, "trainable": rs[0]["trainable"], "lr": rs[0]["lr"],
+               "mergeable": rs[0]["config"].mergeable,
+               "merge_refused": sum(r["merge_refused"] is not None for r in rs),
+               "seeds": len(rs)}
         for key in ("bits_after", "memory_mib", "step_ms", "merge_ms"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = vals
@@ -254,7 +262,7 @@ def verdict_words(row, lora) -> dict:
                                            MEMORY_FLOOR * lora["memory_mib_mean"])],
            "step": WORDS["cost"][differs(row["step_ms"], lora["step_ms"],
                                          TIME_FLOOR * lora["step_ms_mean"])]}
-    if row["merge_ms"]:
+    if row["merge_ms"] and lora["merge_ms"]:
         out["merge"] = WORDS["cost"][differs(row["merge_ms"], lora["merge_ms"],
                                              TIME_FLOOR * lora["merge_ms_mean"])]
     return out
@@ -275,8 +283,16 @@ def verdicts(rows, budget) -> list[str]:
         mq = margin(r["bits_after"], lora["bits_after"], QUALITY_FLOOR)
         ratio = r["step_ms_mean"] / lora["step_ms_mean"]
         ms = margin(r["step_ms"], lora["step_ms"], TIME_FLOOR * lora["step_ms_mean"])
-        merge = (f"merge {w['merge']} LoRA's ({r['merge_ms_mean'] / lora['merge_ms_mean']:.2f}x)"
-                 if "merge" in w else "no merge (refused by design)")
+        if not r["mergeable"]:
+            merge = "no merge (not mergeable by design)"
+        elif "merge" in w:
+            merge = (f"merge {w['merge']} LoRA's "
+                     f"({r['merge_ms_mean'] / lora['merge_ms_mean']:.2f}x)")
+        else:
+            merge = "merge not timed"
+        if r["merge_refused"]:
+            merge += (f"; merge refused on {r['merge_refused']} of {r['seeds']} seeds (unmerging "
+                      "would not give the base weights back within float32 tolerance)")
         out.append(f"{r['method']:<14} {r['trainable']:>6,} trained "
                    f"({r['trainable'] / budget:.2f} x LoRA's): "
                    f"{w['quality']} LoRA in quality ({dq:+.3f} bits/char, margin {mq:.3f}); "
@@ -380,6 +396,7 @@ def main(argv=None) -> dict:
     fig = plot(rows, records, budget, start)
     print(f"saved {fig}  ({clock.seconds():.0f} s in all)")
     for r in records:
+        r["mergeable"] = r["config"].mergeable
         del r["model"], r["config"]
     return {"budget": budget, "chosen": {m: (k, v, n) for m, (k, v, _, n) in chosen.items()},
             "start_bits": start, "records": records, "rows": rows, "verdicts": lines,

@@ -9,7 +9,8 @@ measured is checked, so a broken method fails here:
   whose A, B and m are all cut off);
 * every run starts from the base's own held-out bits/char (QLoRA's 4-bit copy within 0.02):
   catches scoring something other than the adapted model;
-* merged and unmerged outputs agree for the mergeable methods: catches a wrong merge;
+* merged and unmerged outputs agree for the mergeable methods (unless the merge was refused as
+  irreversible in float32, which the lesson reports): catches a wrong merge;
 * QLoRA's training step holds less memory than LoRA's: catches a QLoRA whose base was not
   quantised;
 * the matched budget: each knob landed within 15% of LoRA's count, or at its largest value the
@@ -51,9 +52,11 @@ def test_14_lora_descendants(tmp_path, monkeypatch, shared_quick_cache):
         assert r["bits_after"] < r["bits_before"] - QUICK_GAIN, (r["method"], r["bits_after"])
         assert r["unmoved"] == [], (r["method"], r["unmoved"])
         if r["method"] in ("dora", "vera", "lokr", "lora"):
-            assert r["merged_vs_unmerged"] < 1e-3, r["method"]
+            assert r["mergeable"], r["method"]
+            if r["merge_refused"] is None:           # a refused merge left the weights as they were
+                assert r["merged_vs_unmerged"] < 1e-3, r["method"]
         else:
-            assert r["merge_ms"] is None, r["method"]
+            assert not r["mergeable"] and r["merge_ms"] is None, r["method"]
 
     rows = {r["method"]: r for r in m["rows"]}
     assert rows["qlora"]["memory_mib_mean"] < rows["lora"]["memory_mib_mean"]
