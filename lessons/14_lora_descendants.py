@@ -19,7 +19,8 @@ base and the same new data, how do they compare in quality, training memory, ste
 cost of folding the update into the weights? Each method's size knob (rank, prompt length) is
 chosen to land closest to LoRA's count. VeRA cannot reach it: even at its largest shared rank
 on every linear layer it trains far fewer numbers (that is its point), so it runs at that
-largest rank and the table says so.
+largest rank and the table says so; LoKr on this narrow base stops short too (its rank is capped
+by the Kronecker factors' shapes).
 
 The task, and why this one. A small Shakespeare base (``shakespeare_quick``: 2 layers, width
 48, byte-level BPE) continues training on Python code from the standard library; quality is
