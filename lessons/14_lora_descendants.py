@@ -128,6 +128,11 @@ def trainable_count(base, method, config) -> int | None:
         return None
 
 
+def budget_of(base) -> int:
+    """LoRA r=8 on q and v: the number of trained weights every method aims at."""
+    return trainable_count(base, "lora", LoraConfig(r=8, alpha=16))
+
+
 def match_budget(base, budget: int) -> dict:
     """method -> (knob, value, config, count): the config closest to ``budget``."""
     chosen = {}
@@ -336,7 +341,7 @@ def plot(rows, records, budget, start_bits):
     return lessonkit.save_figure(fig, "14_lora_descendants.png", dpi=110)
 
 
-# ============================================================================ the sweep
+# ============================================================================ appendix: the sweep
 def sweep(steps: int = STEPS) -> dict:
     """``{method: {lr: held-out code bits/char}}`` at the rates of LR_SWEEP, seed 0: its content."""
     base, T, code, held = the_task(quick=False)
@@ -347,10 +352,6 @@ def sweep(steps: int = STEPS) -> dict:
         print(f"{m:<14} " + "  ".join(f"{lr:.0e}: {v:.4f}" for lr, v in out[m].items()),
               flush=True)
     return out
-
-
-def budget_of(base) -> int:
-    return trainable_count(base, "lora", LoraConfig(r=8, alpha=16))
 
 
 def main(argv=None) -> dict:
