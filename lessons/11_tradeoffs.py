@@ -18,9 +18,9 @@ a glance: below 1 is cheaper, and for quality, below 1 is worse.
 LoRA's descendants (lesson 14) are rows here too: QLoRA (LoRA r=8 on q, v over a 4-bit NF4
 base), DoRA r=8 on q, v, VeRA r=16 on every linear layer, LoKr r=4 on q, v and LLaMA-Adapter
 (10 gated prompts in the top block), each at the learning rate swept on this task
-(``minipeft.experiment.LR_SWEEP``). QLoRA's saving is in the weights the step keeps resident,
-so memory has two columns: the resident weights and optimizer state, and the step's own peak
-above them.
+(``minipeft.experiment.LR_SWEEP``, one seed). QLoRA's saving is in the weights the step keeps
+resident, so memory has two columns: the resident weights and optimizer state, and the step's
+own peak above them.
 
 Noise. Full fine-tuning and the LoRAs run with three seeds, the other methods with one (to fit
 the lesson's time). The seeds give the noise every verdict must beat: the spread of task-B
@@ -80,15 +80,15 @@ def axis_table(records) -> list[dict]:
 
 def print_axes(rows) -> None:
     names = [name for name, _, _ in AXES]
-    print(f"{'method':<12}" + "".join(f"{n:>14}" for n in names))
+    print(f"{'method':<14}" + "".join(f"{n:>15}" for n in names))
     for r in rows:
-        print(f"{r['method']:<12}" + "".join(f"{r[n]:>14.3g}" for n in names))
+        print(f"{r['method']:<14}" + "".join(f"{r[n]:>15.3g}" for n in names))
     if "trainable % vs full" in rows[0]:
         print("\nrelative to full fine-tuning (1 = the same):")
-        print(f"{'method':<12}" + "".join(f"{n:>14}" for n in names))
+        print(f"{'method':<14}" + "".join(f"{n:>15}" for n in names))
         for r in rows:
-            print(f"{r['method']:<12}" + "".join(
-                f"{r[n + ' vs full']:>14.3g}" if r[n + " vs full"] is not None else f"{'-':>14}"
+            print(f"{r['method']:<14}" + "".join(
+                f"{r[n + ' vs full']:>15.3g}" if r[n + " vs full"] is not None else f"{'-':>15}"
                 for n in names))
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     study = StudyConfig(base="quick" if args.quick else "default", task_b=TASK_B,
                         methods=tuple(m for m in methods if m in SEEDED),
                         seeds=tuple(args.seed + i for i in range(n)),
-                        steps=40 if args.quick else STEPS, eval_every=10 if args.quick else 50,
+                        steps=40 if args.quick else STEPS, eval_every=10 if args.quick else 100,
                         eval_examples=64 if args.quick else 300,
                         gen_tokens=4 if args.quick else 16, batch_size=32 if args.quick else 64,
                         progress=not args.quick)

@@ -114,12 +114,13 @@ def method_specs() -> dict[str, MethodSpec]:
         # from LR_SWEEP at the end of this file (swept on this study's task), else the fallback
         MethodSpec("qlora_r8_qv", "reparameterisation", swept_lr("qlora_r8_qv", 1e-2),
                    lambda: P.QLoraConfig(r=8, alpha=16), prepare=_quantize),
-        MethodSpec("dora_r8_qv", "reparameterisation", 1e-2,
+        MethodSpec("dora_r8_qv", "reparameterisation", swept_lr("dora_r8_qv", 1e-2),
                    lambda: P.DoraConfig(r=8, alpha=16)),
         MethodSpec("vera_r16_all", "reparameterisation", swept_lr("vera_r16_all", 1e-1),
                    lambda: P.VeraConfig(r=16, target_modules=(
                        "q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"))),
-        MethodSpec("lokr_r4_qv", "reparameterisation", 1e-2, lambda: P.LoKrConfig(r=4, alpha=4)),
+        MethodSpec("lokr_r4_qv", "reparameterisation", swept_lr("lokr_r4_qv", 1e-2),
+                   lambda: P.LoKrConfig(r=4, alpha=4)),
         MethodSpec("llama_adapter", "additive", swept_lr("llama_adapter", 3e-2),
                    lambda: P.LlamaAdapterConfig(adapter_len=10, adapter_layers=1)),
     ]
@@ -461,22 +462,24 @@ def run_study(study: StudyConfig, log=print) -> list[RunRecord]:
 # base, task B = shift, train_marker, batch 64, SWEEP_STEPS steps, seed 0): task-B held-out loss
 # (nats per answer token) after training at each rate. method_specs() uses each method's lowest
 # (swept_lr). Reproduce with
-#   python -m minipeft.experiment --sweep qlora_r8_qv,vera_r16_all,llama_adapter
-# (about 2 CPU-minutes per rate on one core). One seed, on a task whose outcome is close to
+#   python -m minipeft.experiment --sweep
+# (about half a CPU-minute per rate on one core). One seed, on a task whose outcome is close to
 # all-or-nothing (lesson 14 saw LoRA's seeds end at 100% and at 2% exact match): QLoRA's losses
 # are not monotonic in the rate (0.02, 0.32, 0.03), so read the table as "which rates can work",
-# not as a smooth optimum. DoRA and LoKr keep 1e-2 from one probe each (DoRA: 3e-3 -> loss 0.78,
-# 1e-2 -> 0.034; LoKr: 1e-2 -> 0.022), not swept here.
+# not as a smooth optimum.
+# VeRA, LoKr and LLaMA-Adapter were best at the top of a first range of three, so each got one
+# more rate above it: VeRA then turned back up (3e-1 is inside the range now); LoKr and
+# LLaMA-Adapter still improved at the top of their ranges, so their best rates may lie higher
+# still (LLaMA-Adapter is far from learning the task: loss 2.9 where the LoRAs reach 0.004-0.3).
 SWEEP_STEPS = 200
-# VeRA and LLaMA-Adapter were best at the top of a first range of three, so each got one more
-# rate above it: VeRA then turned back up (3e-1 is inside the range now); LLaMA-Adapter still
-# improved at 3e-1, the top of its range, and is far from learning the task (loss 2.9 where
-# the LoRAs reach 0.02-0.3), so its best rate may lie higher still.
-SWEEP_RATES = {"qlora_r8_qv": (3e-3, 1e-2, 3e-2), "vera_r16_all": (3e-2, 1e-1, 3e-1, 1.0),
+SWEEP_RATES = {"qlora_r8_qv": (3e-3, 1e-2, 3e-2), "dora_r8_qv": (3e-3, 1e-2, 3e-2),
+               "vera_r16_all": (3e-2, 1e-1, 3e-1, 1.0), "lokr_r4_qv": (3e-3, 1e-2, 3e-2, 1e-1),
                "llama_adapter": (1e-2, 3e-2, 1e-1, 3e-1)}
 LR_SWEEP: dict[str, dict[float, float]] = {   # method: {lr: task-B loss}
     "qlora_r8_qv": {3e-3: 0.0205, 1e-2: 0.3167, 3e-2: 0.0321},
+    "dora_r8_qv": {3e-3: 0.0394, 1e-2: 0.0043, 3e-2: 0.0102},
     "vera_r16_all": {3e-2: 0.4826, 1e-1: 0.0173, 3e-1: 0.0134, 1.0: 0.0178},
+    "lokr_r4_qv": {3e-3: 6.1821, 1e-2: 2.1131, 3e-2: 0.2229, 1e-1: 0.1392},
     "llama_adapter": {1e-2: 9.7435, 3e-2: 7.9614, 1e-1: 5.0952, 3e-1: 2.8906},
 }
 
