@@ -6,7 +6,7 @@ measured is checked, so a broken method fails here:
 * held-out code bits/char fell in every run, by QUICK_GAIN at least, and every trained tensor
   moved: catches a method whose gradients do not reach its tensors (seen: LLaMA-Adapter's
   prompts cut from the graph, which the loss alone missed: the gates still learned; a DoRA
-  whose A, B and m are all cut off);
+  whose A, B and m are all cut off, where training itself raises);
 * every run starts from the base's own held-out bits/char (QLoRA's 4-bit copy within 0.02):
   catches scoring something other than the adapted model;
 * merged and unmerged outputs agree for the mergeable methods (unless the merge was refused as
