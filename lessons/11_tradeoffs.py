@@ -15,6 +15,13 @@ the same token budget, each method at its own learning rate, the new task's mark
 for every method. Each axis is also shown relative to full fine-tuning, so the trade-offs read at
 a glance: below 1 is cheaper, and for quality, below 1 is worse.
 
+LoRA's descendants (lesson 14) are rows here too: QLoRA (LoRA r=8 on q, v over a 4-bit NF4
+base), DoRA r=8 on q, v, VeRA r=16 on every linear layer, LoKr r=4 on q, v and LLaMA-Adapter
+(10 gated prompts in the top block), each at the learning rate swept on this task
+(``minipeft.experiment.LR_SWEEP``, one seed). QLoRA's saving is in the weights the step keeps
+resident, so memory has two columns: the resident weights and optimizer state, and the step's
+own peak above them.
+
 Noise. Full fine-tuning and the LoRAs run with three seeds, the other methods with one (to fit
 the lesson's time). The seeds give the noise every verdict must beat: the spread of task-B
 accuracy between seeds, and the spread of the step and token times between the repeated
@@ -24,19 +31,20 @@ definition, ``minipeft.verdicts.compare_quality``, as lesson 05 does.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import statistics
-from pathlib import Path
 
+from minipeft import lessonkit
 from minipeft.experiment import StudyConfig, run_study
 from minipeft.report import write_report
 from minipeft.verdicts import compare_quality, describe_quality, spread
 
 METHODS = ("full", "last1", "bitfit", "mask10", "lora_r1_qv", "lora_r8_qv", "lora_r8_all",
-           "houlsby", "pfeiffer", "ia3", "prompt16", "prefix8")
-QUICK_METHODS = ("full", "bitfit", "lora_r8_qv", "houlsby", "prompt16")
+           "houlsby", "pfeiffer", "ia3", "prompt16", "prefix8",
+           # LoRA's descendants (lesson 14)
+           "qlora_r8_qv", "dora_r8_qv", "vera_r16_all", "lokr_r4_qv", "llama_adapter")
+QUICK_METHODS = ("full", "bitfit", "lora_r8_qv", "houlsby", "prompt16", "qlora_r8_qv",
+                 "llama_adapter")
 SEEDED = ("full", "lora_r8_qv", "lora_r8_all")   # run with several seeds: row 13 and the noise
 SEEDS, QUICK_SEEDS = 3, 2
 STEPS = 200
@@ -44,19 +52,14 @@ TASK_B = "shift"
 AXES = [  # (column, how to read it, lower is better?)
     ("trainable %", lambda r: r.trainable_pct, True),
     ("adapter KB", lambda r: r.adapter_bytes / 1024, True),
+    ("weights+opt MB", lambda r: (r.memory["measured"]["weights"]
+                                  + r.memory["measured"]["optimizer"]) / 2**20, True),
     ("peak step MB", lambda r: r.memory["measured"]["peak_step"] / 2**20, True),
     ("step ms", lambda r: r.step_ms, True),
     ("task B EM %", lambda r: 100 * r.b_em, False),
     ("task B tok %", lambda r: 100 * r.b_tok, False),
     ("ms/token", lambda r: r.gen_ms_per_token, True),
 ]
-
-
-def out_dir() -> Path:
-    root = Path(__file__).resolve().parent
-    out = Path(os.environ.get("MINIPEFT_LESSON_OUT", root / "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def axis_table(records) -> list[dict]:
@@ -77,37 +80,35 @@ def axis_table(records) -> list[dict]:
 
 def print_axes(rows) -> None:
     names = [name for name, _, _ in AXES]
-    print(f"{'method':<12}" + "".join(f"{n:>14}" for n in names))
+    print(f"{'method':<14}" + "".join(f"{n:>15}" for n in names))
     for r in rows:
-        print(f"{r['method']:<12}" + "".join(f"{r[n]:>14.3g}" for n in names))
+        print(f"{r['method']:<14}" + "".join(f"{r[n]:>15.3g}" for n in names))
     if "trainable % vs full" in rows[0]:
         print("\nrelative to full fine-tuning (1 = the same):")
-        print(f"{'method':<12}" + "".join(f"{n:>14}" for n in names))
+        print(f"{'method':<14}" + "".join(f"{n:>15}" for n in names))
         for r in rows:
-            print(f"{r['method']:<12}" + "".join(
-                f"{r[n + ' vs full']:>14.3g}" if r[n + " vs full"] is not None else f"{'-':>14}"
+            print(f"{r['method']:<14}" + "".join(
+                f"{r[n + ' vs full']:>15.3g}" if r[n + " vs full"] is not None else f"{'-':>15}"
                 for n in names))
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))     # one panel per axis
     names = [r["method"] for r in rows]
     for ax, (name, _, lower_better) in zip(axes.flat, AXES):
         vals = [r[name] for r in rows]
         ax.bar(names, vals, color=["tab:gray" if n == "full" else "tab:blue" for n in names])
-        if name in ("trainable %", "adapter KB"):
+        if name in ("trainable %", "adapter KB", "weights+opt MB"):
             ax.set_yscale("log")
         ax.set_title(f"{name} ({'lower' if lower_better else 'higher'} is better)")
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.suptitle("Five trade-offs, one base, one task")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return lessonkit.save_figure(fig, "11_tradeoffs.png", dpi=110)
 
 
 def noise_of(records, get) -> float:
@@ -175,16 +176,14 @@ def verdicts(rows, records) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny base, a few methods")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = lessonkit.arguments(__doc__, quick="tiny base, a few methods").parse_args(argv)
+    clock = lessonkit.Stopwatch()
     methods = QUICK_METHODS if args.quick else METHODS
     n = QUICK_SEEDS if args.quick else SEEDS
     study = StudyConfig(base="quick" if args.quick else "default", task_b=TASK_B,
                         methods=tuple(m for m in methods if m in SEEDED),
                         seeds=tuple(args.seed + i for i in range(n)),
-                        steps=40 if args.quick else STEPS, eval_every=10 if args.quick else 50,
+                        steps=40 if args.quick else STEPS, eval_every=10 if args.quick else 100,
                         eval_examples=64 if args.quick else 300,
                         gen_tokens=4 if args.quick else 16, batch_size=32 if args.quick else 64,
                         progress=not args.quick)
@@ -199,11 +198,10 @@ def main(argv=None) -> dict:
     print()
     lines = verdicts(rows, records)
     print("\n".join(lines))
-    out = out_dir()
-    fig = out / "11_tradeoffs.png"
-    plot(rows, fig)
-    paths = write_report(records, out / "11_report", title="Lesson 11: the five trade-offs")
-    print(f"saved {fig} and {paths['html']}")
+    fig = plot(rows)
+    paths = write_report(records, lessonkit.out_dir() / "11_report",
+                         title="Lesson 11: the five trade-offs")
+    print(f"saved {fig} and {paths['html']}  ({clock.seconds():.0f} s in all)")
     return {"rows": rows, "records": records, "verdicts": lines, "figure": str(fig)}
 
 

@@ -297,6 +297,14 @@ def test_11_tradeoffs(lesson_out, shared_quick_cache, monkeypatch):
         # full FT and LoRA (fault caught: scoring the base instead of the adapted model)
         if name in ("full", "lora_r8_qv"):
             assert row["task B tok %"] > 100 * recs[0].curve[0]["b_tok"]
+    # LoRA's descendants are rows too. QLoRA trains the same LoRA factors as lora_r8_qv (same
+    # count), on a base kept in 4 bits: its resident weights + optimizer state are below LoRA's
+    # (fault caught: a memory column that reads the step's peak, where QLoRA's dequantised
+    # weights make it no cheaper; or a QLoRA row run on a float base)
+    assert rows["qlora_r8_qv"]["trainable %"] == pytest.approx(rows["lora_r8_qv"]["trainable %"])
+    assert rows["qlora_r8_qv"]["weights+opt MB"] < 0.9 * rows["lora_r8_qv"]["weights+opt MB"]
+    assert "llama_adapter" in rows and not any(
+        r.mergeable for r in m["records"] if r.method == "llama_adapter")
     assert any(line.startswith("Row 13") for line in m["verdicts"])
     assert not any("cost nothing" in line for line in m["verdicts"])
     assert Path(m["figure"]).is_file()
