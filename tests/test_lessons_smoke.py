@@ -285,10 +285,11 @@ def test_11_tradeoffs(lesson_out, shared_quick_cache, monkeypatch):
     rows = {r["method"]: r for r in m["rows"]}
     assert rows["full"]["trainable %"] == pytest.approx(100.0)
     # full FT and LoRA ran two seeds (the noise); the seeds differ (fault caught: a seed that
-    # changes nothing, which fakes zero noise)
+    # changes nothing, which fakes zero noise). Compared on the loss, a continuous number: the
+    # two seeds' token accuracies (on 64 examples) can tie by chance, and did.
     for name in ("full", "lora_r8_qv"):
         recs = [r for r in m["records"] if r.method == name]
-        assert len(recs) == 2 and recs[0].b_tok != recs[1].b_tok
+        assert len(recs) == 2 and recs[0].b_loss != recs[1].b_loss
     for name, row in rows.items():
         recs = [r for r in m["records"] if r.method == name]
         assert row["peak step MB"] == pytest.approx(
