@@ -3,9 +3,9 @@
 NumPy runs each call on one core. Only matrix products use more, through OpenBLAS's own worker
 threads, and those workers *spin* for a while after each product, waiting for the next one. So
 on a 2-core machine a training step ran its matmuls on two cores and everything else (the
-attention's softmax over (B, H, T, T), GELU, layer norm, cross-entropy, AdamW) on one, and a
-second thread of ours started right after a product found its core busy with a spinning BLAS
-worker. Measured on 2 cores, an (2048, 1024) float32 ``exp`` split in two halves on two threads:
+attention's softmax over (B, H, T, T), GELU, cross-entropy) on one, and a second thread of ours
+started right after a product found its core busy with a spinning BLAS worker. Measured on 2
+cores, a (2048, 1024) float32 ``exp`` split in two halves on two threads:
 
     OpenBLAS at 2 threads (its workers spin):   1.24 ms -> 1.34 ms   (no gain)
     OpenBLAS at 1 thread:                       1.24 ms -> 0.62 ms   (2.0x)
@@ -14,14 +14,21 @@ worker. Measured on 2 cores, an (2048, 1024) float32 ``exp`` split in two halves
 So on NumPy minipeft sets OpenBLAS to one thread (through ``threadpoolctl``) and splits the work
 itself, like PyTorch's ``at::parallel_for``: an op cuts its leading axis into ``threads()``
 consecutive ranges and runs them at once. NumPy releases the GIL inside its loops, so the
-threads really run in parallel. Row ranges keep every element's arithmetic the same as one
-whole-array call: a split op gives *exactly* the same numbers (reductions along a row stay in
-one piece), which ``tests/test_parallel.py`` checks for every op against its one-call form.
+threads really run in parallel. Split this way: the linear layers' products (``matmul``),
+attention (by heads), GELU, cross-entropy (by rows) and the residual stream's additions
+(``add``). Not split, because splitting measured slower: layer norm (a few short passes) and
+AdamW (each parameter's update is short; by parameters or by elements it lost 10-100%).
+
+Each piece runs the op's readable one-call code on its rows, so an elementwise op gives exactly
+the numbers of one whole-array call, and a product or a sum over pieces the same numbers up to
+rounding; ``tests/test_parallel.py`` checks every split op against its one-call form.
 
     MINIPEFT_THREADS=1            # one core: every op is a single NumPy call (the readable form)
     parallel.set_threads(2)       # or in code
 
-On CuPy there is nothing to split: the GPU runs each call on all its cores already.
+A split op waits for its slowest piece: on a machine busy with other work, a piece may wait for
+a core (measured: a few ms now and then). On CuPy there is nothing to split: the GPU runs each
+call on all its cores already.
 """
 
 from __future__ import annotations
