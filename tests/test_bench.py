@@ -32,9 +32,9 @@ def test_peft_steps_execute_fewer_flops_and_hold_less_memory(report):
     full = rows["full"]
     for method in ("lora_r8_qv", "houlsby", "bitfit"):
         assert rows[method]["gflop_per_step"] < full["gflop_per_step"], method
-    # Memory: not Houlsby at this toy size. With C = 32 the whole model has 28 K parameters, so
-    # full FT's gradients and AdamW state (336 KB) weigh about what Houlsby's adapters add in
-    # activations (measured 2.40 MB full, 2.43 MB Houlsby); at bench sizes Houlsby holds less.
+    # Memory: not Houlsby. Its adapters add activations (two bottleneck MLPs per block) and
+    # it trains the layer norms, about what full FT's gradients and AdamW state cost at these
+    # sizes: measured 2.43 MB against 2.40 MB here (XS), 511 MB against 502 MB on M.
     for method in ("lora_r8_qv", "bitfit"):
         assert rows[method]["peak_train_mb"] < full["peak_train_mb"], method
     assert {r["method"] for r in report["steps"]} == {"full", "lora_r8_qv", "prompt16",
