@@ -87,10 +87,12 @@ def qlora_linear(x: Tensor, qw: NF4Weight, b: Tensor | None, A: Tensor, B: Tenso
                          f"but the weight of shape {qw.shape} expects {n_in}")
     lead, r = x.shape[:-1], A.shape[0]
     x2 = x.data.reshape(-1, n_in)                                   # (N, in)
-    h = par.matmul(x2, A.data.T)                                    # x2 @ A.T  (N, r)
+    h = x2 @ A.data.T                                               # (N, r)
     h *= s
     y = par.matmul(x2, qw.dequantize().T)                           # (N, out); W dropped after
-    y += par.matmul(h, B.data.T)
+    # the frozen W's products are split over the cores (parallel.matmul); the thin rank-r ones
+    # are too small to be worth it
+    y += h @ B.data.T
     if b is not None:
         y += b.data
     N = x2.shape[0]
@@ -101,21 +103,21 @@ def qlora_linear(x: Tensor, qw: NF4Weight, b: Tensor | None, A: Tensor, B: Tenso
         g2 = g.reshape(-1, n_out)                                   # (N, out)
         dx = dA = dB = db = None
         if x.requires_grad or A.requires_grad:
-            gB = par.matmul(g2, B.data)                             # g2 @ B  (N, r)
+            gB = g2 @ B.data                                        # (N, r)
             counters["matmul_flops"] += flops["B"]
         if x.requires_grad:
             counters["matmul_flops"] += flops["W"] + flops["A"]
             dx = par.matmul(g2, qw.dequantize())                    # (N, in): W rebuilt
-            dx += par.matmul(s * gB, A.data)
+            dx += (s * gB) @ A.data
             dx = dx.reshape(*lead, n_in)
         if A.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["A"]
-            dA = par.matmul((s * gB).T, x2)                         # (r, in)
+            dA = (s * gB).T @ x2                                    # (r, in)
         if B.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["B"]
-            dB = par.matmul(g2.T, h)                                # (out, r)
+            dB = g2.T @ h                                           # (out, r)
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dA, dB) if b is None else (dx, dA, dB, db)
