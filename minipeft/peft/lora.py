@@ -209,27 +209,17 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
 
     def backward(g):
         g2 = g.reshape(-1, n_out)                                   # (N, out)
-        dx = dW = dA = dB = db = None
-        if x.requires_grad or A.requires_grad:
-            gB = g2 @ B.data                                        # (N, r)
-            counters["matmul_flops"] += flops["B"]
+        dx = dW = db = None
+        dx_factors, dA, dB = factor_grads(g2, x2, h, A, B, s, x.requires_grad, flops)
         if x.requires_grad:
-            counters["matmul_flops"] += flops["W"] + flops["A"]
+            counters["matmul_flops"] += flops["W"]
             dx = par.matmul(g2, W.data)                             # g2 @ W  (N, in)
-            dx += (s * gB) @ A.data
+            dx += dx_factors                                        # + s gB A
             dx = dx.reshape(*lead, n_in)
         if W.requires_grad:
             counters["weight_grad_matmul"] += 1
             counters["matmul_flops"] += flops["W"]
             dW = par.matmul(g2.T, x2)                               # g2.T @ x2  (out, in)
-        if A.requires_grad:
-            counters["weight_grad_matmul"] += 1
-            counters["matmul_flops"] += flops["A"]
-            dA = (s * gB).T @ x2                                    # (r, in)
-        if B.requires_grad:
-            counters["weight_grad_matmul"] += 1
-            counters["matmul_flops"] += flops["B"]
-            dB = g2.T @ h                                           # (out, r)
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dW, dA, dB) if b is None else (dx, dW, dA, dB, db)
@@ -239,6 +229,29 @@ def lora_linear(x: Tensor, W: Tensor, b: Tensor | None, A: Tensor, B: Tensor,
         + (x.data.nbytes if x.requires_grad else 0)
     return Tensor._make(y.reshape(*lead, n_out), parents, backward, "lora_linear",
                         saved=(x2, h), workspace=ws)
+
+
+def factor_grads(g2, x2, h, A: Tensor, B: Tensor, s: float, need_x: bool, flops: dict):
+    """The factors' part of a LoRA backward, shared by ``lora_linear`` and QLoRA's op. With
+    g2 = dL/dy (N, out), x2 the input (N, in), h = s x Aᵀ (N, r) and gB = g B (N, r):
+    dx's adapter term s gB A (if ``need_x``), dA = s gBᵀ x, dB = gᵀ h; None where not needed.
+    The thin rank-r products are too small to be worth splitting over the cores."""
+    dx = dA = dB = None
+    if need_x or A.requires_grad:
+        gB = g2 @ B.data                                            # (N, r)
+        counters["matmul_flops"] += flops["B"]
+    if need_x:
+        counters["matmul_flops"] += flops["A"]
+        dx = (s * gB) @ A.data                                      # (N, in)
+    if A.requires_grad:
+        counters["weight_grad_matmul"] += 1
+        counters["matmul_flops"] += flops["A"]
+        dA = (s * gB).T @ x2                                        # (r, in)
+    if B.requires_grad:
+        counters["weight_grad_matmul"] += 1
+        counters["matmul_flops"] += flops["B"]
+        dB = g2.T @ h                                               # (out, r)
+    return dx, dA, dB
 
 
 # ============================================================================ the layers

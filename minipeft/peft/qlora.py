@@ -45,7 +45,7 @@ from minipeft import parallel as par
 from minipeft.autograd import Tensor, counters
 from minipeft.nn.layers import Linear
 from minipeft.peft.layer import row_adapters
-from minipeft.peft.lora import LoraConfig, LoRALinear
+from minipeft.peft.lora import LoraConfig, LoRALinear, factor_grads
 from minipeft.quant import NF4Weight, QuantLinear
 
 
@@ -101,23 +101,13 @@ def qlora_linear(x: Tensor, qw: NF4Weight, b: Tensor | None, A: Tensor, B: Tenso
 
     def backward(g):
         g2 = g.reshape(-1, n_out)                                   # (N, out)
-        dx = dA = dB = db = None
-        if x.requires_grad or A.requires_grad:
-            gB = g2 @ B.data                                        # (N, r)
-            counters["matmul_flops"] += flops["B"]
+        dx = db = None
+        dx_factors, dA, dB = factor_grads(g2, x2, h, A, B, s, x.requires_grad, flops)
         if x.requires_grad:
-            counters["matmul_flops"] += flops["W"] + flops["A"]
+            counters["matmul_flops"] += flops["W"]
             dx = par.matmul(g2, qw.dequantize())                    # (N, in): W rebuilt
-            dx += (s * gB) @ A.data
+            dx += dx_factors                                        # + s gB A
             dx = dx.reshape(*lead, n_in)
-        if A.requires_grad:
-            counters["weight_grad_matmul"] += 1
-            counters["matmul_flops"] += flops["A"]
-            dA = (s * gB).T @ x2                                    # (r, in)
-        if B.requires_grad:
-            counters["weight_grad_matmul"] += 1
-            counters["matmul_flops"] += flops["B"]
-            dB = g2.T @ h                                           # (out, r)
         if b is not None and b.requires_grad:
             db = g2.sum(axis=0)
         return (dx, dA, dB) if b is None else (dx, dA, dB, db)
