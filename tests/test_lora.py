@@ -179,7 +179,15 @@ def test_forward_equals_dense_and_merge_round_trips(backend, in_f, out_f, r, lea
     expected = x @ (W0 + cfg.scale * BA).T + b                       # the dense oracle
     with no_grad():
         y = host(layer(Tensor(bk.asarray(x))).data)
-        layer.merge()
+        try:
+            layer.merge()
+        except ValueError as exc:
+            # the documented refusal (peft/layer.py): s B A dwarfs W0, so float32 cannot hold W0
+            # beside it and unmerge could not give W0 back; the base must be left untouched
+            assert "merge refused" in str(exc)
+            assert np.array_equal(host(layer.base.weight.data), W0.astype(np.float32))
+            assert np.abs(cfg.scale * BA).max() > 1e2 * np.abs(W0).max()
+            return
         W_merged = host(layer.base.weight.data).copy()
         layer.merge()                                                 # idempotent
         assert np.array_equal(host(layer.base.weight.data), W_merged)
